@@ -168,6 +168,8 @@ class PromoteConfig(Section):
 
 
 class InferConfig(Section):
+    # Target backend of the engine: hf (transformers forward) or fast (compact gpt-fast style).
+    backend: Literal["hf", "fast"] = "hf"
     mode: Literal["tree", "chain"] = "tree"
     total_tokens: int = 16
     depth: int = 5
