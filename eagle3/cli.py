@@ -45,7 +45,9 @@ def cmd_data(args) -> int:
     from eagle3.data.pipeline import run_data
 
     manifest = run_data(recipe, progress=True)
-    print(f"data manifest: {recipe.run_path / 'data' / 'manifest.json'} (digest {manifest['digest'][:12]})")
+    print(
+        f"data manifest: {recipe.run_path / 'data' / 'manifest.json'} (digest {manifest['digest'][:12]})"
+    )
     return EXIT_OK
 
 
@@ -87,8 +89,11 @@ def cmd_generate(args) -> int:
         print(json.dumps(result))
     else:
         print(result["text"])
-        print(f"\n[{len(result['tokens'])} tokens, tau {result['tau']:.2f}, "
-              f"{result['tokens_per_s']:.1f} tok/s]", file=sys.stderr)
+        print(
+            f"\n[{len(result['tokens'])} tokens, tau {result['tau']:.2f}, "
+            f"{result['tokens_per_s']:.1f} tok/s]",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -109,7 +114,9 @@ def cmd_export(args) -> int:
     _need_dir(args.draft, "--draft")
     from eagle3.models.export import export_checkpoint
 
-    out = export_checkpoint(args.draft, args.format, args.out, verifier=args.verifier, dtype=args.dtype)
+    out = export_checkpoint(
+        args.draft, args.format, args.out, verifier=args.verifier, dtype=args.dtype
+    )
     print(f"exported for {args.format}: {out}")
     return EXIT_OK
 
@@ -147,10 +154,14 @@ def _add_recipe(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="eagle3", description="Train, measure and ship EAGLE-3 draft heads.")
+    ap = argparse.ArgumentParser(
+        prog="eagle3", description="Train, measure and ship EAGLE-3 draft heads."
+    )
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("data", help="conversations -> regenerated answers -> features + draft vocab")
+    p = sub.add_parser(
+        "data", help="conversations -> regenerated answers -> features + draft vocab"
+    )
     _add_recipe(p)
     p.set_defaults(fn=cmd_data)
 
@@ -199,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("promote", help="gate and promote a registered version, or roll back")
     _add_recipe(p)
     p.add_argument("--version", help="registry version (default: the candidate)")
-    p.add_argument("--rollback", action="store_true", help="point champion back to the previous one")
+    p.add_argument(
+        "--rollback", action="store_true", help="point champion back to the previous one"
+    )
     p.set_defaults(fn=cmd_promote)
     return ap
 

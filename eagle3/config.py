@@ -140,9 +140,7 @@ class EvalConfig(Section):
     max_new_tokens: int = 256
     temperature: float = 0.0
     warmup: int = 1
-    baselines: list[str] = Field(
-        default_factory=lambda: ["ar", "hf_generate", "hf_prompt_lookup"]
-    )
+    baselines: list[str] = Field(default_factory=lambda: ["ar", "hf_generate", "hf_prompt_lookup"])
     prompt_lookup_num_tokens: int = 10
     threads: int | None = None
 
@@ -259,7 +257,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
 
 
 def build_recipe(
-    tree: dict, overrides: list[str] | None = None, profile: str | None = None, source: str = "<recipe>"
+    tree: dict,
+    overrides: list[str] | None = None,
+    profile: str | None = None,
+    source: str = "<recipe>",
 ) -> Recipe:
     tree = copy.deepcopy(tree)
     for text in overrides or []:
@@ -272,7 +273,9 @@ def build_recipe(
     if profile:
         profiles = tree.get("profiles") or {}
         if profile not in profiles:
-            raise ConfigError(f"{source}: profile {profile!r} not defined (have {sorted(profiles)})")
+            raise ConfigError(
+                f"{source}: profile {profile!r} not defined (have {sorted(profiles)})"
+            )
         tree = _deep_merge(tree, profiles[profile])
         # Command-line overrides win over the profile.
         for text in overrides or []:

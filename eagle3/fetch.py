@@ -38,8 +38,18 @@ def download_wheel(requirement: str, root: Path | None = None) -> Path:
     found = sorted(dest.glob(f"{stem}-{version}-*.whl")) if version else []
     if found:
         return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d",
-           str(dest), requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-q",
+        "-d",
+        str(dest),
+        requirement,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise FetchError(f"pip download {requirement} failed: {res.stderr.strip()[-500:]}")

@@ -59,6 +59,8 @@ def hf_config(c: DraftConfig) -> dict[str, Any]:
         "tie_word_embeddings": False,
         "attention_bias": False,
         "mlp_bias": False,
+        # The attention residual is the un-normed hidden state (engines that read this key agree).
+        "norm_before_residual": False,
         "torch_dtype": c.torch_dtype,
         "vocab_size": c.vocab_size,
         "draft_vocab_size": c.draft_vocab_size,
@@ -152,7 +154,9 @@ def save_draft(
     out.parent.mkdir(parents=True, exist_ok=True)
     c = draft.config
     dtype = dtype or c.torch_dtype
-    cfg = DraftConfig(**{**c.to_dict(), "torch_dtype": dtype, "eagle3": {**c.eagle3, **(extra or {})}})
+    cfg = DraftConfig(
+        **{**c.to_dict(), "torch_dtype": dtype, "eagle3": {**c.eagle3, **(extra or {})}}
+    )
     f = DTYPES[dtype]
     tensors = {}
     for k, v in draft.state_dict().items():
@@ -222,7 +226,7 @@ def load_draft(
         )
     f = DTYPES[c.torch_dtype]
     draft.to(device)
-    for name, p in draft.named_parameters():
+    for p in draft.parameters():
         p.data = p.data.to(f)
     draft.inv_freq = draft.inv_freq.float()
     return draft.eval()
@@ -262,7 +266,9 @@ def check_checkpoint(ckpt_dir: str | Path) -> list[str]:
 def _check_config(cfg: dict[str, Any]) -> list[str]:
     p = []
     if cfg.get("architectures") != [ARCHITECTURE]:
-        p.append(f"config.json: architectures must be [{ARCHITECTURE!r}], got {cfg.get('architectures')!r}")
+        p.append(
+            f"config.json: architectures must be [{ARCHITECTURE!r}], got {cfg.get('architectures')!r}"
+        )
     if cfg.get("model_type") != "llama":
         p.append(f"config.json: model_type must be 'llama', got {cfg.get('model_type')!r}")
     if cfg.get("num_hidden_layers") != 1:
@@ -282,7 +288,9 @@ def _check_config(cfg: dict[str, Any]) -> list[str]:
         if key in cfg and (not isinstance(cfg[key], (int, float)) or cfg[key] <= 0):
             p.append(f"config.json: {key} must be a positive number, got {cfg[key]!r}")
     if "torch_dtype" in cfg and cfg["torch_dtype"] not in DTYPES:
-        p.append(f"config.json: torch_dtype must be one of {sorted(DTYPES)}, got {cfg['torch_dtype']!r}")
+        p.append(
+            f"config.json: torch_dtype must be one of {sorted(DTYPES)}, got {cfg['torch_dtype']!r}"
+        )
     if isinstance(cfg.get("draft_vocab_size"), int) and isinstance(cfg.get("vocab_size"), int):
         if cfg["draft_vocab_size"] > cfg["vocab_size"]:
             p.append("config.json: draft_vocab_size exceeds vocab_size")
@@ -296,10 +304,17 @@ def _check_aux_fields(cfg: dict[str, Any]) -> list[str]:
     if top is None and sgl is None:
         return []
     if top is None or sgl is None:
-        which = "eagle_config.eagle_aux_hidden_state_layer_ids" if sgl is None else "eagle_aux_hidden_state_layer_ids"
+        which = (
+            "eagle_config.eagle_aux_hidden_state_layer_ids"
+            if sgl is None
+            else "eagle_aux_hidden_state_layer_ids"
+        )
         return [f"config.json: custom aux layers need both id lists; {which} is missing"]
     p = []
-    ok = all(isinstance(x, list) and len(x) == 3 and all(isinstance(i, int) for i in x) for x in (top, sgl))
+    ok = all(
+        isinstance(x, list) and len(x) == 3 and all(isinstance(i, int) for i in x)
+        for x in (top, sgl)
+    )
     if not ok:
         return ["config.json: aux layer id lists must hold 3 integers each"]
     if [i - 1 for i in top] != list(sgl):
@@ -310,7 +325,9 @@ def _check_aux_fields(cfg: dict[str, Any]) -> list[str]:
     n = (cfg.get("eagle3") or {}).get("target_num_hidden_layers")
     if isinstance(n, int):
         if any(i < 1 or i >= n for i in top):
-            p.append(f"config.json: eagle_aux_hidden_state_layer_ids {top} out of range for {n} target layers")
+            p.append(
+                f"config.json: eagle_aux_hidden_state_layer_ids {top} out of range for {n} target layers"
+            )
         elif list(top) == default_aux_layer_ids(n):
             p.append("config.json: aux layer ids equal the default; omit them (contract §3)")
     return p
@@ -325,7 +342,9 @@ def _check_tensors(c: DraftConfig, tensors: dict[str, torch.Tensor]) -> list[str
             continue
         t = tensors[name]
         if tuple(t.shape) != shape:
-            p.append(f"{WEIGHTS_FILE}: tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+            p.append(
+                f"{WEIGHTS_FILE}: tensor {name} has shape {list(t.shape)}, expected {list(shape)}"
+            )
         if t.dtype != dtype:
             p.append(f"{WEIGHTS_FILE}: tensor {name} has dtype {t.dtype}, expected {dtype}")
     for name in sorted(set(tensors) - set(expected)):

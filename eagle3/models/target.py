@@ -127,7 +127,9 @@ class Target:
     ) -> TargetFeatures:
         """One forward: aux features, final normed hidden state and (optionally) logits."""
         with self.capture() as store:
-            out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            out = self.model.model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            )
         last = out.last_hidden_state
         logits = self.lm_head(last).float() if with_logits else None
         return TargetFeatures(aux=self.stack_aux(store), last_hidden=last, logits=logits)
