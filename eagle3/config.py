@@ -71,7 +71,6 @@ class SourceSpec(Section):
     format: Literal["auto", "sharegpt", "openai", "prompts", "hf"] = "auto"
     split: str | None = None
     limit: int | None = None
-    weight: float = 1.0
 
 
 class CatalogEntry(Section):
