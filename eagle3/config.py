@@ -162,6 +162,8 @@ class PromoteConfig(Section):
     min_speedup: float = 0.0
     tolerance: float = 0.05
     require_lossless: bool = True
+    # Which speedup the gate compares: speedup_vs_<baseline> from the benchmark report.
+    speedup_baseline: Literal["hf_generate", "ar", "hf_prompt_lookup"] = "hf_generate"
 
 
 class InferConfig(Section):

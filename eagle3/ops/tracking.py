@@ -1,0 +1,308 @@
+"""MLflow 3.17: runs, params, metrics, the data manifest as a dataset input, artifacts, registry.
+
+Everything goes through an explicit `MlflowClient` and explicit run ids (no fluent active-run
+state), so Prefect tasks on any thread log to the right run. Tracking URI: the recipe's
+`tracking.uri`, else MLFLOW_TRACKING_URI, else `sqlite:///<home>/mlflow.db` (never the file store),
+where <home> is $EAGLE3_HOME or `.eagle3` in the working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+CONTEXT_TAGS = ("eagle3.target", "eagle3.recipe", "git.commit", "prefect.flow_run_id")
+# MLflow limits: 500 chars per param value in older servers (6000 now); we cut at 500 for safety.
+_PARAM_MAX = 500
+
+
+def home() -> Path:
+    return Path(os.environ.get("EAGLE3_HOME") or ".eagle3").resolve()
+
+
+def tracking_uri(tracking_cfg: Any = None) -> str:
+    uri = getattr(tracking_cfg, "uri", None) or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        if uri.startswith("file:") or (not re.match(r"^[a-z][a-z0-9+.-]*:", uri)):
+            raise ValueError(
+                f"tracking.uri {uri!r}: the MLflow file store is deprecated; use sqlite:///PATH "
+                "or an http(s) server"
+            )
+        return uri
+    h = home()
+    h.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{h / 'mlflow.db'}"
+
+
+def slugify(text: str) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s or "model"
+
+
+def target_slug(recipe: Any) -> str:
+    """A stable name for the target from the recipe alone (no model load)."""
+    t = recipe.target
+    if t.kind == "tiny":
+        return "tiny-llama"
+    if t.kind == "embedded":
+        return "smollm2-135m-instruct"
+    path = str(t.path).rstrip("/")
+    name = Path(path).stem if t.kind == "gguf" else "-".join(path.split("/")[-2:])
+    return slugify(name)
+
+
+def registered_model_name(recipe: Any) -> str:
+    return recipe.tracking.registered_model or f"eagle3-{target_slug(recipe)}"
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def is_local(uri: str) -> bool:
+    return uri.startswith("sqlite:")
+
+
+class Tracker:
+    """One experiment on one tracking server; all calls take explicit run ids."""
+
+    def __init__(self, tracking_cfg: Any = None):
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.uri = tracking_uri(tracking_cfg)
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        name = getattr(tracking_cfg, "experiment", None) or "eagle3"
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            location = None
+            if is_local(self.uri):
+                # Next to the sqlite file, not in the working directory.
+                db = Path(self.uri.removeprefix("sqlite:///"))
+                location = (db.parent / "mlartifacts").resolve().as_uri()
+            try:
+                self.experiment_id = self.client.create_experiment(name, artifact_location=location)
+            except Exception:  # created by a concurrent process
+                self.experiment_id = self.client.get_experiment_by_name(name).experiment_id
+        else:
+            self.experiment_id = exp.experiment_id
+        self.experiment = name
+
+    # --- runs -----------------------------------------------------------------------------------
+    def start_run(self, name: str, parent_id: str | None = None, tags: dict | None = None) -> str:
+        t = {k: str(v) for k, v in (tags or {}).items() if v is not None}
+        if parent_id:
+            t["mlflow.parentRunId"] = parent_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=t)
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def run(self, run_id: str):
+        return self.client.get_run(run_id)
+
+    def artifact_uri(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.artifact_uri
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        if items:
+            self.client.log_batch(run_id, tags=items)
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = []
+        for k, v in params.items():
+            if isinstance(v, (list, dict)):
+                v = json.dumps(v, sort_keys=True)
+            text = "" if v is None else str(v)
+            items.append(Param(k, text[:_PARAM_MAX]))
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [
+            Metric(_metric_key(k), float(v), ts, int(step or 0))
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+        ]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i : i + 500])
+
+    def log_dataset(self, run_id: str, manifest: dict[str, Any], path: str | Path) -> None:
+        """The data manifest as an MLflow dataset input (name, digest, source = manifest path)."""
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+        from mlflow.entities import DatasetInput, InputTag
+
+        source = LocalArtifactDatasetSource(str(Path(path).resolve()))
+        name = f"eagle3-data-{str(manifest.get('digest', ''))[:12]}"
+        ds = MetaDataset(source=source, name=name, digest=str(manifest.get("digest", ""))[:36])
+        tag = InputTag(key="mlflow.data.context", value="training")
+        self.client.log_inputs(run_id, [DatasetInput(dataset=ds._to_mlflow_entity(), tags=[tag])])
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        if p.is_dir():
+            self.client.log_artifacts(run_id, str(p), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(p), artifact_path)
+
+    def log_json(self, run_id: str, obj: Any, name: str) -> None:
+        self.client.log_dict(run_id, obj, name)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def log_figure(self, run_id: str, fig, name: str) -> None:
+        self.client.log_figure(run_id, fig, name)
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+
+    # --- registry --------------------------------------------------------------------------------
+    def ensure_model(self, name: str, description: str | None = None) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            try:
+                self.client.create_registered_model(name, description=description)
+            except MlflowException:
+                self.client.get_registered_model(name)  # created concurrently
+
+    def register(
+        self, name: str, run_id: str, artifact_path: str = "draft", tags: dict | None = None
+    ) -> str:
+        """A new version whose source is the run's `artifact_path` folder; alias `candidate`."""
+        self.ensure_model(name, "EAGLE-3 draft heads (eagle3); aliases candidate and champion")
+        source = f"{self.artifact_uri(run_id)}/{artifact_path}"
+        mv = self.client.create_model_version(
+            name, source=source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}
+        )
+        self.client.set_registered_model_alias(name, "candidate", mv.version)
+        return str(mv.version)
+
+    def set_alias(self, name: str, alias: str, version: str | int) -> None:
+        self.client.set_registered_model_alias(name, alias, str(version))
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self.client.delete_registered_model_alias(name, alias)
+
+    def alias_version(self, name: str, alias: str):
+        """The ModelVersion behind an alias, or None."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            return None
+
+    def version(self, name: str, version: str | int):
+        return self.client.get_model_version(name, str(version))
+
+    def set_version_tags(self, name: str, version: str | int, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_model_version_tag(name, str(version), k, str(v))
+
+    def set_model_tag(self, name: str, key: str, value: Any) -> None:
+        self.client.set_registered_model_tag(name, key, str(value))
+
+    def model_tags(self, name: str) -> dict[str, str]:
+        return dict(self.client.get_registered_model(name).tags)
+
+    def download_version(self, name: str, version: str | int, dest: str | Path) -> Path:
+        import mlflow
+
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        out = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}", dst_path=str(dest), tracking_uri=self.uri
+        )
+        return Path(out)
+
+    def run_url(self, run_id: str) -> str | None:
+        if self.uri.startswith("http"):
+            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return None
+
+    def model_url(self, name: str, version: str | int | None = None) -> str | None:
+        if not self.uri.startswith("http"):
+            return None
+        base = f"{self.uri.rstrip('/')}/#/models/{name}"
+        return f"{base}/versions/{version}" if version else base
+
+
+def _metric_key(k: str) -> str:
+    # MLflow allows alphanumerics, _ - . space : / ; anything else becomes _
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", k)
+
+
+# --- the benchmark report as metrics ------------------------------------------------------------------
+def report_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """Flat metrics from a CONTRACTS §4 report: overall names of §6, then `<dataset>/...`."""
+    out: dict[str, float] = {}
+    overall = report.get("overall") or {}
+    if "tau" in overall:
+        out["tau"] = float(overall["tau"])
+    for k, v in (overall.get("speedup") or {}).items():
+        out[f"speedup_{k}"] = float(v)
+    if "lossless" in overall:
+        out["lossless"] = 1.0 if overall["lossless"] else 0.0
+    alphas: dict[int, list[tuple[float, int]]] = {}
+    tps: dict[str, list[float]] = {}
+    for ds, r in (report.get("datasets") or {}).items():
+        if "tau" in r:
+            out[f"{ds}/tau"] = float(r["tau"])
+        for k, v in (r.get("speedup") or {}).items():
+            out[f"{ds}/speedup_{k}"] = float(v)
+        for k, v in (r.get("tokens_per_s") or {}).items():
+            out[f"{ds}/tokens_per_s_{k}"] = float(v)
+            tps.setdefault(k, []).append(float(v))
+        for i, a in enumerate(r.get("alpha") or []):
+            out[f"{ds}/alpha_{i}"] = float(a)
+            alphas.setdefault(i, []).append((float(a), int(r.get("prompts") or 1)))
+    for i, vals in alphas.items():
+        w = sum(n for _, n in vals) or 1
+        out[f"alpha_{i}"] = sum(a * n for a, n in vals) / w
+    for k, vals in tps.items():
+        out[f"tokens_per_s_{k}"] = sum(vals) / len(vals)
+    return out
+
+
+def eval_set_signature(recipe: Any, report: dict[str, Any]) -> str:
+    """What makes two evaluations comparable: target, datasets and their prompt counts, settings."""
+    import hashlib
+
+    ds = {k: int(v.get("prompts") or 0) for k, v in (report.get("datasets") or {}).items()}
+    sig = {
+        "target": report.get("target"),
+        "datasets": ds,
+        "max_new_tokens": recipe.eval.max_new_tokens,
+        "temperature": recipe.eval.temperature,
+        "limit": recipe.eval.limit,
+    }
+    return hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:16]
