@@ -124,11 +124,25 @@ def cmd_export(args) -> int:
 def cmd_stack(args) -> int:
     from eagle3.ops.stack import stack_command
 
-    return stack_command(args.action, Path(args.state_dir) if args.state_dir else None)
+    ports = {"prefect": args.prefect_port, "mlflow": args.mlflow_port, "s3": args.s3_port}
+    return stack_command(args.action, Path(args.state_dir) if args.state_dir else None, ports)
+
+
+def _use_stack() -> None:
+    """Variables of a running `eagle3 stack` fill what the environment does not set (before
+    Prefect or MLflow are imported, so that they connect to it)."""
+    import os
+
+    from eagle3.ops.stack import load_stack_env
+
+    applied = load_stack_env()
+    if applied:
+        print(f"using the running stack ({os.environ.get('PREFECT_API_URL')})", file=sys.stderr)
 
 
 def cmd_pipeline(args) -> int:
     recipe = _recipe(args)
+    _use_stack()
     from flows.pipeline import pipeline_from_cli
 
     return pipeline_from_cli(recipe, args)
@@ -136,6 +150,7 @@ def cmd_pipeline(args) -> int:
 
 def cmd_promote(args) -> int:
     recipe = _recipe(args)
+    _use_stack()
     from flows.promote import promote_from_cli
 
     return promote_from_cli(recipe, args)
@@ -201,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stack", help="the local stack on loopback: Prefect, MLflow, S3")
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--state-dir", help="default .eagle3/stack")
+    p.add_argument("--prefect-port", type=int, help="default 4200 (or EAGLE3_PREFECT_PORT)")
+    p.add_argument("--mlflow-port", type=int, help="default 5000 (or EAGLE3_MLFLOW_PORT)")
+    p.add_argument("--s3-port", type=int, help="default 8333 (or EAGLE3_S3_PORT)")
     p.set_defaults(fn=cmd_stack)
 
     p = sub.add_parser("pipeline", help="Prefect pipeline: data -> train -> evaluate -> promote")

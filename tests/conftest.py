@@ -28,3 +28,43 @@ def tiny_target(tiny_recipe):
     from eagle3.models.target import load_target
 
     return load_target(tiny_recipe.target)
+
+
+# --- orchestration (issue 6): one SeaweedFS and one Prefect harness per session ----------------------
+@pytest.fixture(scope="session")
+def seaweed_s3(tmp_path_factory):
+    """A real SeaweedFS S3 on random loopback ports with fresh keys: a `Stack` (s3_url,
+    access_key, secret_key). Tests create their own buckets."""
+    from eagle3.ops.stack import start_s3, stop_s3
+
+    st = start_s3(tmp_path_factory.mktemp("seaweedfs"))
+    yield st
+    stop_s3(st)
+
+
+@pytest.fixture()
+def s3_env(seaweed_s3, monkeypatch):
+    """The environment pointing at the session's SeaweedFS, with a fresh bucket for this test.
+    Returns an `eagle3.ops.storage.S3Settings` for that bucket."""
+    import uuid
+
+    from eagle3.ops.storage import S3Settings, ensure_bucket
+
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", seaweed_s3.s3_url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweed_s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed_s3.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("EAGLE3_S3_BUCKET", bucket)
+    s = S3Settings(bucket=bucket, prefix="eagle3", endpoint_url=seaweed_s3.s3_url)
+    ensure_bucket(s)
+    return s
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness (a temporary server and database) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

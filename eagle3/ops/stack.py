@@ -607,3 +607,31 @@ def stack_command(action: str, dir: Path | None = None, ports: dict[str, int] | 
     except StackError as e:
         print(f"eagle3 stack {action}: {e}", file=sys.stderr)
         return 1
+
+
+def start_s3(dir: str | Path, port: int | None = None, timeout: float = 60.0) -> Stack:
+    """SeaweedFS alone on random loopback ports with fresh keys (for tests and scripts).
+
+    Stop it with `stop_s3(stack)`. Its ports are chosen free, all of them set explicitly.
+    """
+    d = Path(dir).resolve()
+    d.mkdir(parents=True, exist_ok=True)
+    st = Stack(dir=d)
+    st.access_key = "test" + secrets.token_hex(6)
+    st.secret_key = secrets.token_urlsafe(30)
+    for _ in range(5):
+        st.weed_base = free_port_block(len(_WEED_SERVICES) + 2)
+        st.ports["s3"] = port or st.weed_base + len(_WEED_SERVICES) + 1
+        if port_free(st.ports["s3"]):
+            break
+    st.pids["s3"] = _spawn(st, "s3")
+    st.save()
+    _wait_healthy(st, ["s3"], timeout, _quiet)
+    return st
+
+
+def stop_s3(st: Stack) -> None:
+    pid = st.pids.get("s3")
+    if pid:
+        stop_pid(pid, st.marker("s3"))
+        st.pids.pop("s3", None)

@@ -1,0 +1,154 @@
+"""What every flow shares: recipe resolution, the stack environment, MLflow run scopes, retries.
+
+Flows only orchestrate; the work lives in eagle3 (data, train, eval, infer) and eagle3.ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from eagle3.env import disable_telemetry
+
+disable_telemetry()
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+ROOT = Path(__file__).resolve().parents[1]
+# Retry delays (seconds) for S3 and MLflow calls; short, because the local stack answers at once
+# or not at all. EAGLE3_RETRY_DELAY scales them (0 in tests that want fast faults).
+_DELAY = float(os.environ.get("EAGLE3_RETRY_DELAY", "1"))
+RETRY_DELAYS = [1 * _DELAY, 2 * _DELAY, 4 * _DELAY]
+
+
+def resolve_recipe(recipe: Any, overrides: list[str] | None = None, profile: str | None = None):
+    """A Recipe from a Recipe, a dict (its model_dump), or a path to a YAML recipe."""
+    from eagle3.config import Recipe, build_recipe, load_recipe
+
+    if isinstance(recipe, Recipe):
+        if not overrides and not profile:
+            return recipe
+        tree = recipe.model_dump(mode="json")
+        return build_recipe(tree, overrides, profile, source=f"<recipe {recipe.name}>")
+    if isinstance(recipe, dict):
+        return build_recipe(recipe, overrides, profile, source="<recipe dict>")
+    path = Path(str(recipe))
+    if not path.is_absolute() and not path.exists() and (ROOT / path).exists():
+        path = ROOT / path
+    return load_recipe(path, overrides, profile)
+
+
+def use_stack_env() -> dict[str, str]:
+    """Take PREFECT_API_URL, MLFLOW_TRACKING_URI, AWS_* from a running `eagle3 stack` when the
+    environment does not set them (an explicit environment always wins)."""
+    from eagle3.ops.stack import load_stack_env
+
+    return load_stack_env()
+
+
+def recipe_tags(recipe) -> list[str]:
+    from eagle3.ops.tracking import target_slug
+
+    return [f"target:{target_slug(recipe)}", f"recipe:{recipe.name}"]
+
+
+def flow_run_id() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id) if flow_run.id else None
+    except Exception:
+        return None
+
+
+def flow_run_url() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        return flow_run.ui_url
+    except Exception:
+        return None
+
+
+def s3_retryable(task, task_run, state) -> bool:
+    """Retry transport failures (endpoint down, 5xx); never bad credentials or corrupt data."""
+    from eagle3.ops.storage import IntegrityError, S3AuthError, S3Unavailable
+
+    try:
+        state.result()
+    except (S3AuthError, IntegrityError):
+        return False
+    except S3Unavailable:
+        return True
+    except Exception as e:  # e.g. a botocore error not wrapped yet
+        return "unreachable" in str(e).lower() or "connect" in str(e).lower()
+    return False
+
+
+def tracker(recipe):
+    from eagle3.ops.tracking import Tracker
+
+    return Tracker(recipe.tracking)
+
+
+@contextlib.contextmanager
+def mlflow_run(recipe, name: str, parent_id: str | None = None, params: bool = True):
+    """A (nested) MLflow run for one stage; FAILED if the stage raises, KILLED on Ctrl-C."""
+    from eagle3.config import flatten
+    from eagle3.ops.tracking import git_commit, target_slug
+
+    t = tracker(recipe)
+    tags = {
+        "eagle3.stage": name,
+        "eagle3.target": target_slug(recipe),
+        "eagle3.recipe": recipe.name,
+        "git.commit": git_commit(),
+        "prefect.flow_run_id": flow_run_id(),
+    }
+    run_id = t.start_run(name, parent_id=parent_id, tags=tags)
+    if params:
+        t.log_params(run_id, flatten(recipe))
+    try:
+        yield t, run_id
+    except KeyboardInterrupt:
+        t.end_run(run_id, "KILLED")
+        raise
+    except BaseException:
+        t.end_run(run_id, "FAILED")
+        raise
+    else:
+        t.end_run(run_id, "FINISHED")
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def ensure_gpu_limit(limit: int | None = None) -> None:
+    """Create the `gpu` tag concurrency limit (one GPU-bound task at a time by default)."""
+    try:
+        from prefect import get_client
+        from prefect.exceptions import ObjectNotFound
+
+        n = limit or int(os.environ.get("EAGLE3_GPU_SLOTS", "1"))
+        with get_client(sync_client=True) as client:
+            try:
+                client.read_concurrency_limit_by_tag("gpu")
+            except ObjectNotFound:
+                client.create_concurrency_limit(tag="gpu", concurrency_limit=n)
+    except Exception as e:  # never fail a run for want of a limit
+        from prefect.logging import get_run_logger
+
+        with contextlib.suppress(Exception):
+            get_run_logger().warning(f"could not ensure the `gpu` concurrency limit: {e}")

@@ -1,0 +1,72 @@
+"""Data generation flow: conversations -> regenerated answers -> features + draft vocab.
+
+The data task is cached on a hash of the settings that determine the data (target, data section,
+seed, run dir) and its own source: a rerun with unchanged data settings reuses the manifest
+without touching the target. The cache is refreshed when the manifest file has gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from flows.common import RETRY_DELAYS, mlflow_run, resolve_recipe
+
+
+def data_key(recipe) -> str:
+    d = recipe.model_dump(mode="json")
+    sub = {k: d.get(k) for k in ("name", "run_dir", "cache_dir", "seed", "target", "data")}
+    return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()
+
+
+@task(
+    name="generate-data",
+    tags=["gpu"],
+    retries=1,
+    retry_delay_seconds=RETRY_DELAYS[:1],
+    cache_policy=(INPUTS - "recipe") + TASK_SOURCE,
+    persist_result=True,
+    result_serializer="json",
+)
+def data_task(recipe, key: str) -> dict:
+    from eagle3.data.pipeline import run_data
+
+    manifest = run_data(recipe, progress=False)
+    return json.loads(json.dumps(manifest, default=str))
+
+
+@task(name="log-data", retries=3, retry_delay_seconds=RETRY_DELAYS)
+def log_data_task(recipe, manifest: dict, parent_run_id: str | None) -> str:
+    path = recipe.run_path / "data" / "manifest.json"
+    with mlflow_run(recipe, "data", parent_run_id) as (t, run_id):
+        metrics = {
+            k: v
+            for k, v in manifest.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        t.log_metrics(run_id, {f"data/{k}": v for k, v in metrics.items()})
+        t.set_tags(run_id, {"eagle3.data_digest": manifest.get("digest")})
+        for rid in {run_id, parent_run_id} - {None}:
+            if path.is_file():
+                t.log_dataset(rid, manifest, path)
+        t.log_json(parent_run_id or run_id, manifest, "data/manifest.json")
+    return run_id
+
+
+@flow(name="eagle3-datagen", log_prints=True)
+def datagen_flow(
+    recipe: Any = "configs/tiny.yaml",
+    overrides: list[str] | None = None,
+    parent_run_id: str | None = None,
+) -> dict:
+    r = resolve_recipe(recipe, overrides)
+    manifest_path = r.run_path / "data" / "manifest.json"
+    task_ = data_task.with_options(refresh_cache=not manifest_path.is_file())
+    manifest = task_(r, data_key(r))
+    log_data_task(r, manifest, parent_run_id)
+    print(f"data: {manifest_path} (digest {str(manifest.get('digest'))[:12]})")
+    return manifest

@@ -1,0 +1,272 @@
+"""Evaluation flow: benchmark the draft, log it, register it (alias `candidate`), run the gate.
+
+The gate compares against the champion on the SAME eval set: when the champion's numbers were
+measured on another one, the champion is benchmarked again here with the current settings.
+Prefect artifacts: a markdown report (tau, speedups, alpha per depth, the gate's decision) and a
+table of the per-dataset numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+
+from flows.common import RETRY_DELAYS, mlflow_run, resolve_recipe, tracker, write_json
+
+
+@task(name="benchmark", tags=["gpu"])
+def bench_task(recipe, draft_dir: str, datasets: list[str] | None = None, limit: int | None = None):
+    from eagle3.eval.bench import run_bench
+
+    report = run_bench(recipe, draft_dir, datasets=datasets, limit=limit, progress=False)
+    return json.loads(json.dumps(report, default=str))
+
+
+@task(name="check-checkpoint")
+def check_task(draft_dir: str) -> list[str]:
+    from eagle3.models.checkpoint import check_checkpoint
+
+    return check_checkpoint(draft_dir)
+
+
+@task(name="log-evaluation", retries=3, retry_delay_seconds=RETRY_DELAYS)
+def log_eval_task(recipe, report: dict, run_id: str, art_run: str, draft_dir: str) -> dict:
+    from eagle3.ops.plots import acceptance_by_depth, speedup_by_dataset
+    from eagle3.ops.tracking import report_metrics
+
+    t = tracker(recipe)
+    metrics = report_metrics(report)
+    for rid in {run_id, art_run}:
+        t.log_metrics(rid, metrics)
+    t.log_json(art_run, report, "eval/bench_report.json")
+    t.log_figure(art_run, acceptance_by_depth(report), "plots/acceptance_by_depth.png")
+    t.log_figure(art_run, speedup_by_dataset(report), "plots/speedup_by_dataset.png")
+    t.log_artifact(art_run, draft_dir, "draft")
+    return metrics
+
+
+@task(name="register-version", retries=3, retry_delay_seconds=RETRY_DELAYS)
+def register_task(recipe, art_run: str, metrics: dict, tags: dict) -> str:
+    from eagle3.ops.tracking import registered_model_name
+
+    t = tracker(recipe)
+    keep = (
+        "tau",
+        "speedup_vs_hf_generate",
+        "speedup_vs_ar",
+        "speedup_vs_hf_prompt_lookup",
+        "lossless",
+    )
+    all_tags = {k: round(metrics[k], 6) for k in keep if k in metrics} | tags
+    return t.register(registered_model_name(recipe), art_run, "draft", all_tags)
+
+
+@task(name="champion-on-eval-set", tags=["gpu"], retries=1, retry_delay_seconds=RETRY_DELAYS[:1])
+def champion_task(recipe, eval_set: str, exclude_version: str | None) -> dict | None:
+    """The champion's gate numbers on this eval set (from its tags, or benchmarked again)."""
+    from eagle3.ops.gate import gate_metrics
+    from eagle3.ops.tracking import registered_model_name, report_metrics
+
+    t = tracker(recipe)
+    name = registered_model_name(recipe)
+    mv = t.alias_version(name, "champion")
+    if mv is None or str(mv.version) == str(exclude_version):
+        return None
+    baseline = recipe.promote.speedup_baseline
+    tags = dict(mv.tags)
+    if tags.get("eval_set") == eval_set:
+        out = gate_metrics(tags, baseline, eval_set)
+        out["version"] = str(mv.version)
+        out["source"] = "registry tags"
+        return out
+    # Measured elsewhere: benchmark the champion now, under the same settings as the candidate.
+    with tempfile.TemporaryDirectory(prefix="eagle3-champion-") as tmp:
+        d = fetch_draft(recipe, name, str(mv.version), Path(tmp) / "draft")
+        from eagle3.eval.bench import run_bench
+
+        report = run_bench(recipe, str(d), progress=False)
+    out = gate_metrics(report_metrics(report), baseline, eval_set)
+    out["version"] = str(mv.version)
+    out["source"] = "re-benchmarked on this eval set"
+    return out
+
+
+def fetch_draft(recipe, model: str, version: str, dest: Path) -> Path:
+    """A registered version's checkpoint: from S3 (verified) when it was promoted there, else
+    from the MLflow registry (checked against the sha256 tags of the version)."""
+    from eagle3.ops import storage
+
+    t = tracker(recipe)
+    tags = dict(t.version(model, version).tags)
+    try:
+        s = storage.settings_from_recipe(recipe.storage)
+        keys = storage.list_keys(s, storage.version_key(s, model, version) + "/")
+    except storage.StorageError:
+        keys = []
+    if keys:
+        return storage.download_version(s, model, version, dest)
+    out = t.download_version(model, version, dest.parent / "mlflow")
+    for k, v in tags.items():
+        if k.startswith("sha256."):
+            f = out / k.removeprefix("sha256.")
+            if not f.is_file() or storage.sha256_file(f) != v:
+                raise storage.IntegrityError(
+                    f"registry version {model} v{version}: {f.name} sha256 mismatch"
+                )
+    return out
+
+
+def markdown_report(
+    recipe, report: dict, metrics: dict, decision: dict | None, version, model
+) -> str:
+    o = report.get("overall", {})
+    lines = [
+        f"# EAGLE-3 evaluation: {model} v{version}",
+        "",
+        f"target `{report.get('target')}` on {report.get('device')}, {report.get('dtype')}, "
+        f"decoding {json.dumps(report.get('decoding', {}))}",
+        "",
+        f"**tau {o.get('tau', 0):.3f}**, lossless **{o.get('lossless')}**; speedups "
+        + ", ".join(f"{k} {v:.2f}x" for k, v in (o.get("speedup") or {}).items()),
+        "",
+        "| dataset | prompts | tau | "
+        + " | ".join(f"alpha_{i}" for i in range(_depth(report)))
+        + " | speedup vs ar | vs hf_generate | lossless |",
+        "|---" * (6 + _depth(report)) + "|",
+    ]
+    for ds, r in report.get("datasets", {}).items():
+        al = list(r.get("alpha") or []) + [float("nan")] * (
+            _depth(report) - len(r.get("alpha") or [])
+        )
+        sp = r.get("speedup") or {}
+        lines.append(
+            f"| {ds} | {r.get('prompts')} | {r.get('tau', 0):.3f} | "
+            + " | ".join(f"{a:.3f}" for a in al)
+            + f" | {sp.get('vs_ar', float('nan')):.2f} | {sp.get('vs_hf_generate', float('nan')):.2f}"
+            f" | {r.get('lossless')} |"
+        )
+    if decision is not None:
+        lines += ["", f"## Gate: {'PROMOTE' if decision['promote'] else 'REJECT'}", ""]
+        lines += [f"- {x}" for x in decision["reasons"]]
+        champ = decision.get("champion")
+        if champ:
+            lines += [
+                "",
+                f"champion v{champ.get('version')} ({champ.get('source')}): tau "
+                f"{champ.get('tau')}, speedup {champ.get('speedup')}",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def _depth(report: dict) -> int:
+    return max((len(r.get("alpha") or []) for r in report.get("datasets", {}).values()), default=0)
+
+
+def table_rows(report: dict) -> list[dict]:
+    rows = []
+    for ds, r in report.get("datasets", {}).items():
+        row = {
+            "dataset": ds,
+            "prompts": r.get("prompts"),
+            "new_tokens": r.get("new_tokens"),
+            "tau": round(float(r.get("tau", 0)), 4),
+            "lossless": r.get("lossless"),
+        }
+        for k, v in (r.get("speedup") or {}).items():
+            row[f"speedup_{k}"] = round(float(v), 3)
+        for k, v in (r.get("tokens_per_s") or {}).items():
+            row[f"tok_s_{k}"] = round(float(v), 2)
+        for i, a in enumerate(r.get("alpha") or []):
+            row[f"alpha_{i}"] = round(float(a), 4)
+        rows.append(row)
+    return rows
+
+
+@task(name="publish-evaluation")
+def artifacts_task(recipe, md: str, rows: list[dict]) -> None:
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from eagle3.ops.tracking import slugify, target_slug
+
+    key = slugify(f"eval-{target_slug(recipe)}")
+    create_markdown_artifact(
+        markdown=md, key=key, description="EAGLE-3 evaluation and gate decision"
+    )
+    create_table_artifact(table=rows, key=f"{key}-datasets", description="per-dataset numbers")
+
+
+@flow(name="eagle3-evaluate", log_prints=True)
+def evaluate_flow(
+    recipe: Any = "configs/tiny.yaml",
+    overrides: list[str] | None = None,
+    draft_dir: str | None = None,
+    parent_run_id: str | None = None,
+    data_digest: str | None = None,
+    register: bool = True,
+) -> dict:
+    from eagle3.ops.gate import decide, gate_metrics
+    from eagle3.ops.storage import sha256_file
+    from eagle3.ops.tracking import eval_set_signature, registered_model_name
+
+    r = resolve_recipe(recipe, overrides)
+    draft = Path(draft_dir or r.run_path / "draft")
+    if not draft.is_dir():
+        raise FileNotFoundError(f"draft checkpoint {draft} does not exist; run training first")
+    model = registered_model_name(r)
+    with mlflow_run(r, "evaluate", parent_run_id) as (t, run_id):
+        art_run = parent_run_id or run_id
+        problems = check_task(str(draft))
+        report = bench_task(r, str(draft))
+        write_json(r.run_path / "bench_report.json", report)
+        metrics = log_eval_task(r, report, run_id, art_run, str(draft))
+        eval_set = eval_set_signature(r, report)
+        cand = gate_metrics(metrics, r.promote.speedup_baseline, eval_set)
+        version = None
+        if register:
+            tags = {
+                "eval_set": eval_set,
+                "data_digest": data_digest or "",
+                "check": "ok" if not problems else "; ".join(problems)[:4000],
+                "target": report.get("target"),
+            }
+            for f in sorted(draft.iterdir()):
+                if f.is_file():
+                    tags[f"sha256.{f.name}"] = sha256_file(f)
+            version = register_task(r, art_run, metrics, tags)
+        champion = champion_task(r, eval_set, version)
+        decision = decide(cand, champion, r.promote, problems).to_dict()
+        t.set_tags(
+            art_run,
+            {
+                "eagle3.gate": ("PROMOTE" if decision["promote"] else "REJECT"),
+                "eagle3.gate_reasons": "; ".join(decision["reasons"])[:4000],
+            },
+        )
+        if version:
+            t.set_version_tags(
+                model,
+                version,
+                {
+                    "gate": "PROMOTE" if decision["promote"] else "REJECT",
+                    "gate_reasons": "; ".join(decision["reasons"])[:4000],
+                },
+            )
+        md = markdown_report(r, report, metrics, decision, version, model)
+        t.log_text(art_run, md, "eval/report.md")
+        artifacts_task(r, md, table_rows(report))
+    print(md)
+    return {
+        "report": report,
+        "metrics": metrics,
+        "version": version,
+        "model": model,
+        "decision": decision,
+        "problems": problems,
+        "eval_set": eval_set,
+        "draft_dir": str(draft),
+        "mlflow_run_id": run_id,
+    }

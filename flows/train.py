@@ -1,0 +1,108 @@
+"""Training flow: TTT training of the draft head, per-step metrics streamed to MLflow.
+
+The training task is cached on the train/target settings plus the data digest: a rerun with
+nothing changed reuses the checkpoint (refreshed when the draft dir has gone). An interrupted run
+leaves no cache record, and the trainer resumes from its own checkpoint in the run dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from flows.common import RETRY_DELAYS, mlflow_run, resolve_recipe, tracker
+
+
+def train_key(recipe, data_digest: str | None) -> str:
+    d = recipe.model_dump(mode="json")
+    sub = {k: d.get(k) for k in ("name", "run_dir", "seed", "target", "train")}
+    sub["data_digest"] = data_digest
+    return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()
+
+
+def contract_names(metrics: dict[str, float]) -> dict[str, float]:
+    """The trainer's keys plus the CONTRACTS §6 `eval/acc_<i>` names for its val/acc_<i>."""
+    out = dict(metrics)
+    for k, v in metrics.items():
+        if k.startswith("val/acc_"):
+            out["eval/acc_" + k.removeprefix("val/acc_")] = v
+    return out
+
+
+@task(
+    name="train-draft",
+    tags=["gpu"],
+    cache_policy=(INPUTS - "recipe" - "mlflow_run_id") + TASK_SOURCE,
+    persist_result=True,
+    result_serializer="json",
+)
+def train_task(recipe, key: str, mlflow_run_id: str | None = None) -> dict:
+    from eagle3.train.trainer import run_training
+
+    t = tracker(recipe) if mlflow_run_id else None
+    history: list[tuple[int, dict[str, float]]] = []
+    warned = []
+
+    def callback(step: int, metrics: dict[str, float]) -> None:
+        m = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        history.append((int(step), m))
+        if t is None:
+            return
+        try:
+            t.log_metrics(mlflow_run_id, contract_names(m), step=int(step))
+        except Exception as e:  # tracking trouble must not kill hours of training
+            if not warned:
+                warned.append(e)
+                print(f"warning: MLflow metric logging failed ({e}); training goes on")
+
+    summary = run_training(recipe, progress=False, callback=callback)
+    out = json.loads(json.dumps(summary, default=str))
+    out["history"] = history
+    return out
+
+
+@task(name="log-training", retries=3, retry_delay_seconds=RETRY_DELAYS)
+def log_train_task(recipe, summary: dict, run_id: str, art_run: str) -> None:
+    from eagle3.ops.plots import training_curves
+
+    t = tracker(recipe)
+    final = {k: v for k, v in (summary.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    if final:
+        t.log_metrics(run_id, contract_names(final))
+        if art_run != run_id:
+            t.log_metrics(art_run, contract_names(final))
+    history = [(s, m) for s, m in summary.get("history") or []]
+    if not history:  # a cached result carries the history of the run that made it
+        history = []
+    fig = training_curves(history)
+    t.log_figure(art_run, fig, "plots/training_curves.png")
+    metrics_file = recipe.run_path / "train_metrics.json"
+    if metrics_file.is_file():
+        t.log_artifact(art_run, metrics_file, "train")
+
+
+@flow(name="eagle3-train", log_prints=True)
+def train_flow(
+    recipe: Any = "configs/tiny.yaml",
+    overrides: list[str] | None = None,
+    parent_run_id: str | None = None,
+    data_digest: str | None = None,
+) -> dict:
+    r = resolve_recipe(recipe, overrides)
+    if data_digest is None:
+        manifest = r.run_path / "data" / "manifest.json"
+        if manifest.is_file():
+            data_digest = json.loads(manifest.read_text()).get("digest")
+    draft_dir = r.run_path / "draft"
+    with mlflow_run(r, "train", parent_run_id) as (t, run_id):
+        t.set_tags(run_id, {"eagle3.data_digest": data_digest})
+        task_ = train_task.with_options(refresh_cache=not (draft_dir / "config.json").is_file())
+        summary = task_(r, train_key(r, data_digest), run_id)
+        log_train_task(r, summary, run_id, parent_run_id or run_id)
+    summary["mlflow_run_id"] = run_id
+    print(f"draft: {summary.get('draft_dir')}")
+    return summary
