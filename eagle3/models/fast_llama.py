@@ -1,0 +1,265 @@
+"""A compact Llama / Qwen2 / Qwen3 forward over a loaded HF model's weights, for speculative decoding.
+
+In the style of gpt-fast: one flat loop over the layers, a preallocated static KV cache, and an
+arbitrary boolean attention mask over (cached prefix + new rows), so that one call verifies a whole
+draft TREE. It computes what the HF model computes (same RoPE tables, same RMSNorm, same op order
+in the residual stream); `tests/test_fast_llama.py` checks logits and aux features against HF.
+
+Why not HF itself: at batch 1 on a CPU, HF eager spends ~40% of a decode step in Python and small
+ops (mask construction, cache objects, hooks, per-layer kwargs plumbing). Here a forward is
+~12 torch calls per layer and nothing else.
+
+Weights are the HF model's own tensors (no copy): fusing QKV and gate/up was measured here and did
+not make the matmuls faster on this CPU (2 threads, MKL), so we keep zero extra memory.
+
+Tricks, each visible below:
+- RoPE: `rotate_half(x) * sin == roll(x, d/2) * sin_signed` with sin_signed = [-sin, sin]. Negation
+  is exact in IEEE arithmetic, so this is bit-identical to HF and saves the neg/slice/cat ops.
+- GQA as grouped MQA: the g query heads sharing one KV head are stacked as g*n rows of one
+  attention over that KV head: [nkv, g*n, d] x [nkv, L, d]. K/V are read once per KV head instead of
+  being repeated; measured 1.6-2.5x faster than `enable_gqa=True` for the SDPA call on this CPU.
+- RMSNorm in fp32 models is `F.rms_norm` (one fused kernel, the same math); for half dtypes we keep
+  HF's exact sequence (normalise in fp32, cast, then multiply by the weight) so rounding matches.
+- Logits only for the rows asked for (`logits_rows`): a prefill needs only its last row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+# RoPE types whose frequencies depend on the sequence length seen so far: we call the HF rotary
+# module on every forward (as HF does) instead of using a precomputed table.
+DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
+
+
+@dataclass
+class LayerWeights:
+    """Views of one HF decoder layer's parameters (no copies). Biases / q-k norms may be None."""
+
+    ln1: torch.Tensor
+    wq: torch.Tensor
+    bq: torch.Tensor | None
+    wk: torch.Tensor
+    bk: torch.Tensor | None
+    wv: torch.Tensor
+    bv: torch.Tensor | None
+    q_norm: torch.Tensor | None  # Qwen3: RMSNorm over head_dim, before RoPE
+    k_norm: torch.Tensor | None
+    wo: torch.Tensor
+    bo: torch.Tensor | None
+    ln2: torch.Tensor
+    wg: torch.Tensor
+    bg: torch.Tensor | None
+    wu: torch.Tensor
+    bu: torch.Tensor | None
+    wd: torch.Tensor
+    bd: torch.Tensor | None
+
+    @classmethod
+    def from_hf(cls, layer) -> LayerWeights:
+        a, m = layer.self_attn, layer.mlp
+
+        def w(mod):
+            return mod.weight.detach()
+
+        def b(mod):
+            return None if getattr(mod, "bias", None) is None else mod.bias.detach()
+
+        qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+        return cls(
+            ln1=w(layer.input_layernorm),
+            wq=w(a.q_proj),
+            bq=b(a.q_proj),
+            wk=w(a.k_proj),
+            bk=b(a.k_proj),
+            wv=w(a.v_proj),
+            bv=b(a.v_proj),
+            q_norm=None if qn is None else w(qn),
+            k_norm=None if kn is None else w(kn),
+            wo=w(a.o_proj),
+            bo=b(a.o_proj),
+            ln2=w(layer.post_attention_layernorm),
+            wg=w(m.gate_proj),
+            bg=b(m.gate_proj),
+            wu=w(m.up_proj),
+            bu=b(m.up_proj),
+            wd=w(m.down_proj),
+            bd=b(m.down_proj),
+        )
+
+
+class StaticKVCache:
+    """K and V for every layer in one preallocated tensor [2, layers, kv_heads, max_len, head_dim].
+
+    Slots are rows of the cache, not positions: a tree verify writes its n rows at slots
+    [len, len+n) whatever their position ids, and `compact` moves the accepted ones down.
+    One tensor for K and V of all layers lets `compact` be a single gather + scatter.
+    """
+
+    def __init__(self, layers, kv_heads, max_len, head_dim, dtype, device):
+        self.kv = torch.zeros(2, layers, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.k, self.v = self.kv[0], self.kv[1]
+        self.max_len = max_len
+
+    def compact(self, start: int, rows: torch.Tensor) -> None:
+        """Slots start+rows[i] -> start+i for all layers (in place; only len(rows) slots move)."""
+        k = rows.numel()
+        src = rows.to(self.kv.device) + start
+        dst = torch.arange(start, start + k, device=self.kv.device)
+        # index_select materialises the moved rows first, so any order of `rows` is safe.
+        self.kv.index_copy_(3, dst, self.kv.index_select(3, src))
+
+
+def _rms_norm_hf(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's LlamaRMSNorm, op for op (matters for the rounding of half dtypes)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+class FastLlama:
+    """The decoder stack of an HF LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM."""
+
+    def __init__(self, model, aux_layer_ids: list[int], max_len: int):
+        cfg = model.config
+        if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+            raise NotImplementedError(
+                f"fast forward supports {SUPPORTED_MODEL_TYPES}, not {cfg.model_type!r}"
+            )
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"hidden_act {cfg.hidden_act!r} (only silu)")
+        for layer in model.model.layers:
+            sw = getattr(layer.self_attn, "sliding_window", None)
+            if sw is not None and max_len > sw:
+                raise NotImplementedError(f"sliding-window attention ({sw}) with max_len {max_len}")
+        self.config = cfg
+        self.max_len = max_len
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.group = self.n_heads // self.n_kv
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.eps = cfg.rms_norm_eps
+        self.scale = self.head_dim**-0.5
+        self.aux_layer_ids = list(aux_layer_ids)
+        self._aux_slot = {i: j for j, i in enumerate(self.aux_layer_ids)}
+
+        self.layers = [LayerWeights.from_hf(layer) for layer in model.model.layers]
+        self.embed_w = model.get_input_embeddings().weight.detach()
+        self.norm_w = model.model.norm.weight.detach()
+        head = model.get_output_embeddings()
+        self.lm_w = head.weight.detach()
+        self.lm_b = None if getattr(head, "bias", None) is None else head.bias.detach()
+        self.dtype, self.device = self.embed_w.dtype, self.embed_w.device
+        self.rms = (
+            (lambda x, w: F.rms_norm(x, (x.shape[-1],), w, self.eps))
+            if self.dtype == torch.float32
+            else (lambda x, w: _rms_norm_hf(x, w, self.eps))
+        )
+
+        # RoPE: HF's own rotary module computes the table, so every rope_scaling type it knows
+        # (llama3, yarn, linear, ...) comes out exactly as HF's, attention_scaling included.
+        self.rotary = model.model.rotary_emb
+        self.dynamic_rope = getattr(self.rotary, "rope_type", "default") in DYNAMIC_ROPE_TYPES
+        self.cos = self.sin = None
+        self.extend_rope(max_len)
+
+    def extend_rope(self, max_len: int) -> None:
+        """Precompute cos / [-sin, sin] for positions [0, max_len) with HF's rotary module."""
+        self.max_len = max_len
+        if self.dynamic_rope or (self.cos is not None and self.cos.shape[0] >= max_len):
+            return
+        pos = torch.arange(max_len, device=self.device)[None]
+        with torch.inference_mode():
+            cos, sin = self.rotary(self.embed_w[:1], pos)
+        self.cos, self.sin = cos[0].clone(), self._signed(sin[0])
+
+    def _signed(self, sin: torch.Tensor) -> torch.Tensor:
+        h = self.head_dim // 2
+        return torch.cat((-sin[..., :h], sin[..., h:]), dim=-1)
+
+    def new_cache(self, max_len: int | None = None) -> StaticKVCache:
+        return StaticKVCache(
+            len(self.layers),
+            self.n_kv,
+            max_len or self.max_len,
+            self.head_dim,
+            self.dtype,
+            self.device,
+        )
+
+    def _rope_tables(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.dynamic_rope:
+            cos, sin = self.rotary(self.embed_w[:1], position_ids[None])
+            return cos[0][:, None], self._signed(sin[0])[:, None]
+        return self.cos[position_ids][:, None], self.sin[position_ids][:, None]  # [n, 1, d]
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: StaticKVCache,
+        start: int,
+        mask: torch.Tensor | None = None,
+        logits_rows: slice | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """n new tokens written to cache slots [start, start+n), attending to slots [0, start+n).
+
+        mask: bool [n, start+n], True where row j may attend to slot i. None means causal over the
+        new rows (every row sees the whole cached prefix). Each row must see at least itself.
+        Returns (logits [rows, V] float32 for `logits_rows` (all rows if None; none if
+        logits_rows is False), aux [n, 3H]: the residual stream entering the aux layers).
+        """
+        n = input_ids.shape[0]
+        end = start + n
+        if end > cache.max_len:
+            raise ValueError(f"KV cache full: {start} + {n} > max_len {cache.max_len}")
+        nh, nkv, g, d = self.n_heads, self.n_kv, self.group, self.head_dim
+        cos, sin = self._rope_tables(position_ids)
+        half = d // 2
+
+        # One mask for all layers, laid out for grouped-MQA attention: [g*n, start+n].
+        if mask is None and n > 1:
+            mask = torch.ones(n, end, dtype=torch.bool, device=self.device).tril_(start)
+        if mask is not None and g > 1:
+            mask = mask.repeat(g, 1)
+
+        x = F.embedding(input_ids, self.embed_w)
+        aux: list[torch.Tensor | None] = [None] * len(self.aux_layer_ids)
+        for i, w in enumerate(self.layers):
+            if i in self._aux_slot:
+                aux[self._aux_slot[i]] = x  # HF hidden_states[i]: the input of layer i
+            h = self.rms(x, w.ln1)
+            q = F.linear(h, w.wq, w.bq).view(n, nh, d)
+            k = F.linear(h, w.wk, w.bk).view(n, nkv, d)
+            v = F.linear(h, w.wv, w.bv).view(n, nkv, d)
+            if w.q_norm is not None:
+                q, k = self.rms(q, w.q_norm), self.rms(k, w.k_norm)
+            # rotate_half(x) * sin == roll(x, d/2) * [-sin, sin], exactly.
+            q = q * cos + q.roll(half, -1) * sin
+            k = k * cos + k.roll(half, -1) * sin
+            cache.k[i, :, start:end] = k.transpose(0, 1)
+            cache.v[i, :, start:end] = v.transpose(0, 1)
+            # Heads of one KV group stacked as rows: [nkv, g*n, d] against [nkv, end, d].
+            qg = q.transpose(0, 1).reshape(nkv, g * n, d)
+            o = F.scaled_dot_product_attention(
+                qg, cache.k[i, :, :end], cache.v[i, :, :end], attn_mask=mask, scale=self.scale
+            )
+            o = o.view(nh, n, d).transpose(0, 1).reshape(n, nh * d)
+            x = x + F.linear(o, w.wo, w.bo)
+            h = self.rms(x, w.ln2)
+            x = x + F.linear(F.silu(F.linear(h, w.wg, w.bg)) * F.linear(h, w.wu, w.bu), w.wd, w.bd)
+
+        aux_t = torch.cat(aux, dim=-1)
+        if logits_rows is False:
+            return None, aux_t
+        if logits_rows is not None:
+            x = x[logits_rows]
+        logits = F.linear(self.rms(x, self.norm_w), self.lm_w, self.lm_b)
+        return logits.float(), aux_t
+
+    __call__ = forward
