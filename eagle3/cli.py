@@ -42,9 +42,18 @@ def _write_json(path: str | Path, obj) -> None:
 # --- handlers ---------------------------------------------------------------------------------------
 def cmd_data(args) -> int:
     recipe = _recipe(args)
-    from eagle3.data.pipeline import run_data
+    from eagle3.data.pipeline import DataLockedError, DiskBudgetError, run_data
+    from eagle3.data.sources import SourceError
 
-    manifest = run_data(recipe, progress=True)
+    try:
+        manifest = run_data(recipe, progress=True)
+    except (DiskBudgetError, SourceError, DataLockedError) as e:
+        raise BadInput(str(e)) from None
+    s = manifest["samples"]
+    print(f"data: {s['written']} samples ({s['train']} train, {s['val']} val), {s['skipped']} "
+          f"skipped {s['skipped_by_reason']}; {manifest['tokens']['total']:,} tokens, "
+          f"{manifest['tokens']['trainable']:,} trainable; draft vocab {manifest['vocab']['size']} "
+          f"covers {manifest['vocab']['coverage']:.1%}")
     print(
         f"data manifest: {recipe.run_path / 'data' / 'manifest.json'} (digest {manifest['digest'][:12]})"
     )

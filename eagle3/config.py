@@ -87,25 +87,34 @@ class CatalogEntry(Section):
 
 class DataConfig(Section):
     sources: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(name="sharegpt")])
+    # Extra named sets (a local JSONL, or another pinned wheel member), usable in `sources`.
     catalog: dict[str, CatalogEntry] = Field(default_factory=dict)
-    limit: int | None = None
-    max_len: int = 2048
+    limit: int | None = Field(default=None, ge=1)  # conversations in total, in source order
+    max_len: int = Field(default=2048, ge=8)  # tokens per sample (prompt + regenerated answers)
     long_policy: Literal["drop", "truncate"] = "truncate"
-    turns: Literal["all", "last"] = "all"
-    regenerate: bool = True
+    turns: Literal["all", "last"] = "all"  # which assistant turns are trainable
+    regenerate: bool = True  # replace assistant turns with the target's own answers
     backend: Literal["hf", "openai"] = "hf"
-    endpoint: str | None = None
-    concurrency: int = 8
-    batch_size: int = 8
-    temperature: float = 0.0
-    max_new_tokens: int = 256
+    endpoint: str | None = None  # OpenAI-compatible base URL (…/v1) for backend: openai
+    concurrency: int = Field(default=8, ge=1)  # requests in flight (openai backend)
+    batch_size: int = Field(default=8, ge=1)  # sequences per generate / feature forward (hf)
+    temperature: float = Field(default=0.0, ge=0.0)
+    max_new_tokens: int = Field(default=256, ge=1)
     seed: int = 0
-    shard_size: int = 64
-    features: bool = True
+    shard_size: int = Field(default=64, ge=1)  # conversations per shard (the unit of resume)
+    features: bool = True  # write offline feature shards (aux + last hidden state)
     feature_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    max_disk_gb: float = 50.0
-    draft_vocab_size: int = 32000
-    val_fraction: float = 0.05
+    max_disk_gb: float = Field(default=50.0, gt=0)  # refuse feature shards above this (GB = 1e9 B)
+    draft_vocab_size: int = Field(default=32000, ge=1)
+    val_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _endpoint_needed(self) -> DataConfig:
+        if self.backend == "openai" and self.regenerate and not self.endpoint:
+            raise ValueError("data.endpoint is required when data.backend is 'openai'")
+        if not self.sources:
+            raise ValueError("data.sources is empty")
+        return self
 
 
 class TrainConfig(Section):

@@ -121,10 +121,10 @@ def test_jsonl_shapes_and_bad_records(tmp_path):
     assert loaded.conversations[0].messages[0] == {"role": "system", "content": "be brief"}
     assert [m["content"] for m in loaded.conversations[2].messages] == ["one", "two"]
     reasons = {s.id: s.reason for s in loaded.skipped}
-    assert reasons["mine:line2"].startswith("malformed JSON at line 2")
+    assert reasons["mine:line2"].startswith("malformed JSON: line 2")
     assert reasons["mine:e"] == "empty conversation"
     assert reasons["mine:n"] == "no user turn"
-    assert "unknown role 'wizard'" in reasons["mine:r"]
+    assert "unknown role: 'wizard'" in reasons["mine:r"]
     assert loaded.sources[0].read == 7 and loaded.sources[0].bad == 4
 
 

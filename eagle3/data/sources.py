@@ -275,28 +275,28 @@ def _text(value: Any, what: str) -> str:
             p.get("text", "") for p in value if isinstance(p, dict) and p.get("type") == "text"
         ]
         if len(parts) != len(value):
-            raise ValueError(f"{what}: only text content parts are supported")
+            raise ValueError(f"unsupported content: {what} has non-text parts")
         value = "".join(parts)
     if not isinstance(value, str):
-        raise ValueError(f"{what}: content is {type(value).__name__}, not text")
+        raise ValueError(f"unsupported content: {what} is {type(value).__name__}, not text")
     return value
 
 
 def record_messages(rec: Any) -> list[dict[str, Any]]:
     """Normalise one record of any supported shape to messages; raises ValueError why not."""
     if not isinstance(rec, dict):
-        raise ValueError(f"record is {type(rec).__name__}, not an object")
+        raise ValueError(f"bad record: {type(rec).__name__}, not an object")
     if "conversations" in rec or "messages" in rec:
         raw = rec.get("conversations", rec.get("messages"))
         if not isinstance(raw, list):
-            raise ValueError("conversations/messages is not a list")
+            raise ValueError("bad record: conversations/messages is not a list")
         msgs = []
         for i, m in enumerate(raw):
             if not isinstance(m, dict):
-                raise ValueError(f"message {i} is not an object")
+                raise ValueError(f"bad record: message {i} is not an object")
             role = m.get("role", m.get("from"))
             if role not in ROLES:
-                raise ValueError(f"message {i}: unknown role {role!r}")
+                raise ValueError(f"unknown role: {role!r} in message {i}")
             msg = {
                 "role": ROLES[role],
                 "content": _text(m.get("content", m.get("value", "")), f"message {i}"),
@@ -320,7 +320,7 @@ def record_messages(rec: Any) -> list[dict[str, Any]]:
         body = _text(rec["instruction"], "instruction") + (f"\n\n{extra}" if extra else "")
         return [{"role": "user", "content": body}]
     raise ValueError(
-        f"no conversations/messages/turns/prompt/question/text key (keys: {sorted(rec)[:8]})"
+        f"bad record: no conversations/messages/turns/prompt/question/text key (keys: {sorted(rec)[:8]})"
     )
 
 
@@ -336,9 +336,11 @@ def clean_messages(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         raise ValueError("no user turn")
     for i, m in enumerate(rest):
         if m["role"] == "system":
-            raise ValueError(f"system message at position {i + len(system)} (only first allowed)")
+            raise ValueError(
+                f"misplaced system message: position {i + len(system)} (only the first may be)"
+            )
         if m["role"] == "user" and not m["content"].strip():
-            raise ValueError(f"empty user message at position {i + len(system)}")
+            raise ValueError(f"empty user message: position {i + len(system)}")
     return system + rest
 
 
@@ -357,7 +359,7 @@ def iter_conversations(info: SourceInfo, split: str | None = None) -> Iterator[C
         info.read += 1
         if isinstance(rec, json.JSONDecodeError):
             info.bad += 1
-            yield Skip(f"{info.name}:line{index}", f"malformed JSON at line {index}: {rec.msg}")
+            yield Skip(f"{info.name}:line{index}", f"malformed JSON: line {index}: {rec.msg}")
             continue
         sid = f"{info.name}:{_record_id(rec, index)}"
         if sid in seen:  # ShareGPT repeats some ids: keep both, distinguishably

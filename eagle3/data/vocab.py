@@ -24,7 +24,9 @@ class DraftVocab:
         return torch.arange(len(self.d2t)) + self.d2t
 
 
-def count_tokens(vocab_size: int, token_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def count_tokens(
+    vocab_size: int, token_ids: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Token frequencies [V] over the positions where mask is set."""
     ids = token_ids.reshape(-1).long()
     if mask is not None:

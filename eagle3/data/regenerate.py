@@ -1,0 +1,313 @@
+"""The target rewrites the assistant turns: EAGLE-3 must learn what the TARGET would say.
+
+Turn by turn: the answer to user turn k is generated with the target's own answers to turns < k in
+the context, so a multi-turn sample is exactly a conversation the target could have had. Two
+backends, same contract (conversations in, regenerated conversations + skips + stats out):
+- `regenerate_hf`: batched `generate` on the loaded target (left padding, KV cache, prompts sorted
+  by length so a batch wastes little padding, one batch in flight);
+- `regenerate_openai`: any OpenAI-compatible server (vLLM, SGLang) with bounded concurrency.
+A turn whose prompt no longer fits `max_len` ends the conversation there; a conversation with no
+answered turn is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from eagle3.data.chat import TemplateError, encode_chat
+from eagle3.data.sources import Conversation, Skip
+
+
+@dataclass
+class RegenStats:
+    turns: int = 0  # answers generated
+    new_tokens: int = 0
+    hit_max_new_tokens: int = 0  # answers cut by max_new_tokens (or by max_len)
+    turns_cut: int = 0  # later turns dropped because the prompt outgrew max_len
+    errors: int = 0  # failed requests (openai) after retries
+    seconds: float = 0.0
+
+    def add(self, other: RegenStats) -> None:
+        for k in self.__dataclass_fields__:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RegenResult:
+    conversations: list[Conversation] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    stats: RegenStats = field(default_factory=RegenStats)
+
+
+def user_turns(messages: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The prompt pieces to answer: the system message rides with the first; original assistant
+    messages are dropped; consecutive user messages form one turn."""
+    turns: list[list[dict[str, Any]]] = []
+    pending: list[dict[str, Any]] = []
+    for m in messages:
+        if m["role"] == "assistant":
+            if pending and any(p["role"] == "user" for p in pending):
+                turns.append(pending)
+                pending = []
+            continue
+        pending.append({"role": m["role"], "content": m["content"]})
+    if any(p["role"] == "user" for p in pending):
+        turns.append(pending)
+    return turns
+
+
+class _Dialog:
+    """One conversation being regenerated: the context so far and the turns still to answer."""
+
+    def __init__(self, conv: Conversation):
+        self.conv = conv
+        self.turns = user_turns(conv.messages)
+        self.context: list[dict[str, Any]] = []
+        self.answered = 0
+        self.reason: str | None = None  # why it stopped early
+
+    def next_prompt(self) -> list[dict[str, Any]] | None:
+        if self.reason is not None or self.answered >= len(self.turns):
+            return None
+        return self.context + self.turns[self.answered]
+
+    def answer(self, text: str) -> None:
+        self.context = (
+            self.context + self.turns[self.answered] + [{"role": "assistant", "content": text}]
+        )
+        self.answered += 1
+
+    def result(self) -> Conversation | Skip:
+        if self.answered == 0:
+            return Skip(self.conv.id, self.reason or "no user turn")
+        return Conversation(self.conv.id, self.context, self.conv.source)
+
+
+def _fit(dialog: _Dialog, tokenizer, max_len: int, stats: RegenStats) -> list[int] | None:
+    """Prompt ids for the dialog's next turn, or None (and the reason) when it cannot go on."""
+    msgs = dialog.next_prompt()
+    if msgs is None:
+        return None
+    try:
+        ids = encode_chat(tokenizer, msgs, add_generation_prompt=True)
+    except TemplateError as e:
+        dialog.reason = str(e)
+        return None
+    if len(ids) >= max_len:
+        dialog.reason = f"too long: prompt of {len(ids)} tokens >= max_len {max_len}"
+        if dialog.answered:
+            stats.turns_cut += len(dialog.turns) - dialog.answered
+        return None
+    return ids
+
+
+# --- HF backend ---------------------------------------------------------------------------------------
+@torch.inference_mode()
+def generate_batch(
+    target,
+    prompts: list[list[int]],
+    max_new_tokens: list[int] | int,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> list[tuple[list[int], bool]]:
+    """One left-padded `generate` over a batch; per prompt (new ids up to and incl. EOS, cut?)."""
+    from transformers import GenerationConfig
+
+    n = len(prompts)
+    limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    eos = target.eos_token_ids
+    tok = target.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding: every row's next token is at the same column
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    sample = temperature > 0
+    gen = GenerationConfig(
+        max_new_tokens=max(limits),
+        do_sample=sample,
+        temperature=temperature if sample else None,
+        top_k=None,
+        top_p=None,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        use_cache=True,
+    )
+    if sample:
+        torch.manual_seed(seed)
+    dev = target.device
+    out = target.model.generate(
+        input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen
+    )
+    results = []
+    for i in range(n):
+        new = out[i, width:].tolist()[: limits[i]]
+        stop = next((k for k, t in enumerate(new) if t in eos), None)
+        results.append((new[: stop + 1], False) if stop is not None else (new, True))
+    return results
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    # The end-of-turn token is the template's to add back; special tokens are not content.
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def regenerate_hf(
+    target,
+    conversations: list[Conversation],
+    cfg,
+    seed: int = 0,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> RegenResult:
+    """Batched generation turn by turn; `on_batch(answers, new_tokens)` after every batch."""
+    t0 = time.perf_counter()
+    stats = RegenStats()
+    dialogs = [_Dialog(c) for c in conversations]
+    rnd = 0
+    while True:
+        ready = []
+        for d in dialogs:
+            ids = _fit(d, target.tokenizer, cfg.max_len, stats)
+            if ids is not None:
+                ready.append((d, ids))
+        if not ready:
+            break
+        ready.sort(key=lambda x: len(x[1]))
+        for b in range(0, len(ready), cfg.batch_size):
+            batch = ready[b : b + cfg.batch_size]
+            limits = [min(cfg.max_new_tokens, cfg.max_len - len(ids)) for _, ids in batch]
+            outs = generate_batch(
+                target,
+                [ids for _, ids in batch],
+                limits,
+                cfg.temperature,
+                seed=seed * 1_000_003 + rnd * 10_007 + b,
+            )
+            new = 0
+            for (d, _), (ids, cut) in zip(batch, outs, strict=True):
+                d.answer(_decode(target.tokenizer, ids))
+                stats.turns += 1
+                stats.hit_max_new_tokens += cut
+                new += len(ids)
+            stats.new_tokens += new
+            if on_batch:
+                on_batch(len(batch), new)
+        rnd += 1
+    stats.seconds = time.perf_counter() - t0
+    return _collect(dialogs, stats)
+
+
+def _collect(dialogs: list[_Dialog], stats: RegenStats) -> RegenResult:
+    res = RegenResult(stats=stats)
+    for d in dialogs:
+        item = d.result()
+        (res.skipped if isinstance(item, Skip) else res.conversations).append(item)
+    return res
+
+
+# --- OpenAI-compatible backend -------------------------------------------------------------------------
+class EndpointError(RuntimeError):
+    pass
+
+
+def _post(url: str, body: dict[str, Any], timeout: float, retries: int = 3) -> dict[str, Any]:
+    data = json.dumps(body).encode()
+    last = ""
+    for attempt in range(retries):
+        req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            last = f"HTTP {e.code}: {e.read()[:300].decode(errors='replace')}"
+            if e.code < 500 and e.code != 429:  # the request itself is wrong: retrying won't help
+                break
+        except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as e:
+            last = f"{type(e).__name__}: {e}"
+        time.sleep(0.5 * 2**attempt)
+    raise EndpointError(last)
+
+
+def served_model(endpoint: str, timeout: float = 30.0) -> str:
+    """The first model the server lists (vLLM/SGLang serve one)."""
+    try:
+        with urllib.request.urlopen(endpoint.rstrip("/") + "/models", timeout=timeout) as r:
+            models = json.loads(r.read()).get("data") or []
+    except (urllib.error.URLError, OSError, json.JSONDecodeError) as e:
+        raise EndpointError(f"{endpoint}/models: {e}") from e
+    if not models:
+        raise EndpointError(f"{endpoint}/models lists no model")
+    return models[0]["id"]
+
+
+def regenerate_openai(
+    endpoint: str,
+    tokenizer,
+    conversations: list[Conversation],
+    cfg,
+    seed: int = 0,
+    model: str | None = None,
+    timeout: float = 600.0,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> RegenResult:
+    """At most `cfg.concurrency` conversations in flight; each goes turn by turn.
+
+    The tokenizer only measures prompts against max_len (the server renders the template itself,
+    which for vLLM/SGLang is the same template the target's tokenizer carries).
+    """
+    t0 = time.perf_counter()
+    url = endpoint.rstrip("/") + "/chat/completions"
+    model = model or served_model(endpoint)
+    dialogs = [_Dialog(c) for c in conversations]
+
+    def run(d: _Dialog) -> RegenStats:
+        st = RegenStats()
+        while (ids := _fit(d, tokenizer, cfg.max_len, st)) is not None:
+            limit = min(cfg.max_new_tokens, cfg.max_len - len(ids))
+            body = {
+                "model": model,
+                "messages": d.next_prompt(),
+                "max_tokens": limit,
+                "temperature": cfg.temperature,
+                "seed": seed,
+            }
+            try:
+                reply = _post(url, body, timeout)
+                choice = reply["choices"][0]
+                msg = choice["message"]
+                text = msg.get("content") or ""
+            except (EndpointError, KeyError, IndexError, TypeError) as e:
+                st.errors += 1
+                d.reason = f"endpoint error: {e}"
+                break
+            if msg.get("reasoning_content"):  # reasoning parsers split it out: put it back
+                text = f"<think>\n{msg['reasoning_content']}\n</think>\n\n{text}"
+            d.answer(text)
+            n = int((reply.get("usage") or {}).get("completion_tokens") or 0)
+            st.turns += 1
+            st.new_tokens += n
+            st.hit_max_new_tokens += choice.get("finish_reason") == "length"
+            if on_batch:
+                on_batch(1, n)
+        return st
+
+    stats = RegenStats()
+    with ThreadPoolExecutor(max_workers=max(1, cfg.concurrency)) as pool:
+        for st in pool.map(run, dialogs):
+            stats.add(st)
+    stats.seconds = time.perf_counter() - t0
+    return _collect(dialogs, stats)
