@@ -18,7 +18,7 @@ Semantics every backend must honour (tests/test_infer_runner.py checks them on a
 - `cache_len`: committed positions. `reset()`: empty the cache (keeps the allocation).
 
 Backends: `infer.backend: hf` (this file) and `infer.backend: fast` (a compact gpt-fast style
-forward: `eagle3.infer.fast.FastRunner(target, capacity=...)`, same protocol).
+forward: `eagle3.infer.fast_runner.FastRunner(target, capacity=...)`, same protocol).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def make_runner(target, backend: str = "hf", capacity: int = 1024) -> Runner:
     if backend == "hf":
         return HFRunner(target, capacity=capacity)
     if backend == "fast":
-        from eagle3.infer.fast import FastRunner  # written by the fast-forward work
+        from eagle3.infer.fast_runner import FastRunner
 
         return FastRunner(target, capacity=capacity)
     raise ValueError(f"infer.backend: unknown backend {backend!r} (have 'hf', 'fast')")
