@@ -63,9 +63,9 @@ def _sha(obj: Any) -> str:
 class _Target:
     """Loads the model only for HF regeneration or features; the tokenizer alone otherwise."""
 
-    def __init__(self, recipe):
+    def __init__(self, recipe, target=None):
         self.recipe = recipe
-        self._target = None
+        self._target = target
         self._tokenizer = None
 
     @property
@@ -438,15 +438,22 @@ class _Progress:
         self.bar.close()
 
 
-def run_data(recipe, progress: bool = True, callback: Callback | None = None) -> dict[str, Any]:
-    """The whole data stage; idempotent and resumable. Returns the manifest (also written)."""
+def run_data(
+    recipe, progress: bool = True, callback: Callback | None = None, target=None
+) -> dict[str, Any]:
+    """The whole data stage; idempotent and resumable. Returns the manifest (also written).
+
+    `callback(event)` gets a dict after every shard ({"stage": "regenerate"|"features", ...}) and
+    at the end ({"stage": "done", "digest"}). `target`: an already loaded Target for this recipe
+    (otherwise it is loaded when needed).
+    """
     t0 = time.time()
     d = recipe.data
     data_dir = recipe.run_path / "data"
     emit = callback or (lambda event: None)
     with _locked(data_dir):
         loaded = load_conversations(recipe)
-        holder = _Target(recipe)
+        holder = _Target(recipe, target)
         identity = target_identity(recipe)
         template_sha = chat_template_sha256(holder.tokenizer())
         shards = [
