@@ -47,17 +47,19 @@ class Packed:
         )
 
 
-def apply_length_policy(samples: list, max_len: int, policy: str) -> tuple[list, dict[str, int]]:
-    """Samples longer than max_len are dropped or truncated (counted either way); samples too short
-    to hold one training position (< 3 tokens) are dropped."""
+def length_policy(
+    lengths: list[int], max_len: int, policy: str
+) -> tuple[list[int], list[int], dict[str, int]]:
+    """(kept sample indices, their lengths after the policy, counts). Samples longer than max_len
+    are dropped or truncated (counted either way); samples too short to hold one training position
+    (< 3 tokens) are dropped."""
     if max_len < 3:
         raise ValueError(f"train.max_len must be >= 3, got {max_len}")
-    kept, stats = (
-        [],
-        {"samples": len(samples), "dropped_long": 0, "truncated": 0, "dropped_short": 0},
-    )
-    for s in samples:
-        n = len(s.input_ids)
+    if policy not in ("drop", "truncate"):
+        raise ValueError(f"train.long_policy must be drop or truncate, got {policy!r}")
+    kept, eff = [], []
+    stats = {"samples": len(lengths), "dropped_long": 0, "truncated": 0, "dropped_short": 0}
+    for i, n in enumerate(lengths):
         if n < 3:
             stats["dropped_short"] += 1
             continue
@@ -65,13 +67,12 @@ def apply_length_policy(samples: list, max_len: int, policy: str) -> tuple[list,
             if policy == "drop":
                 stats["dropped_long"] += 1
                 continue
-            if policy != "truncate":
-                raise ValueError(f"train.long_policy must be drop or truncate, got {policy!r}")
-            s = truncate(s, max_len)
             stats["truncated"] += 1
-        kept.append(s)
+            n = max_len
+        kept.append(i)
+        eff.append(n)
     stats["kept"] = len(kept)
-    return kept, stats
+    return kept, eff, stats
 
 
 def truncate(sample, n: int):
@@ -188,3 +189,28 @@ def padding_fraction(batches: list[list[list[int]]], lengths: list[int]) -> floa
         real += sum(fills)
         padded += max(fills) * len(fills)
     return 1.0 - real / padded if padded else 0.0
+
+
+class Loader:
+    """Micro-batches of a dataset (SampleList / ShardDataset) under the length policy."""
+
+    def __init__(self, dataset, max_len: int, policy: str, batch_tokens: int, seed: int):
+        self.dataset, self.max_len = dataset, max_len
+        self.kept, self.lengths, self.stats = length_policy(dataset.lengths, max_len, policy)
+        self.batches = plan_batches(self.lengths, max_len, batch_tokens, seed) if self.kept else []
+        self.stats["micro_batches"] = len(self.batches)
+        self.stats["pad_fraction"] = padding_fraction(self.batches, self.lengths)
+        self.stats["tokens"] = sum(self.lengths)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def get(self, batch_id: int) -> Packed:
+        rows = []
+        for row in self.batches[batch_id]:
+            samples = []
+            for i in row:
+                s = self.dataset[self.kept[i]]
+                samples.append(truncate(s, self.max_len) if len(s.input_ids) > self.max_len else s)
+            rows.append(samples)
+        return collate(rows)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from eagle3.train.batching import Packed
-from eagle3.train.ttt import TargetDist, block_causal, target_dist
+from eagle3.train.ttt import TargetDist, block_causal, needed_rows, target_dist
 
 
 @dataclass
@@ -57,7 +57,8 @@ def step_inputs(
     target, draft, batch: Packed, aux: torch.Tensor, last_hidden: torch.Tensor
 ) -> StepInputs:
     with torch.no_grad():
-        dist = target_dist(target.lm_head, last_hidden, draft.draft_token_ids, draft.t2d)
+        need = needed_rows(batch.segment, batch.loss_mask)
+        dist = target_dist(target.lm_head, last_hidden, draft.draft_token_ids, draft.t2d, need)
         embeds = target.embed(batch.input_ids)
     return StepInputs(aux, embeds, batch.position_ids, batch.segment, batch.loss_mask, dist)
 

@@ -42,28 +42,40 @@ def target_dist(
     hidden: torch.Tensor,
     draft_token_ids: torch.Tensor,
     t2d: torch.Tensor,
+    need: torch.Tensor | None = None,
     chunk: int = 1024,
 ) -> TargetDist:
-    """TargetDist from the target's final hidden states, in chunks of rows (never all [B,T,V]).
+    """TargetDist from the target's final hidden states [B,T,Ht], in chunks of rows (never all of
+    [B,T,V]), and only at the rows in `need` [B,T] (others read as out-of-vocab: never counted).
 
     logits_fn maps [N, Ht] hidden states to [N, V] target logits (the target's lm_head).
     """
     b, t, _ = hidden.shape
-    flat = hidden.reshape(b * t, -1)
-    logps, pfulls, ins = [], [], []
-    with torch.no_grad():
-        for s in range(0, b * t, chunk):
-            logits = logits_fn(flat[s : s + chunk]).float()
-            sub = logits[:, draft_token_ids]
-            logps.append(torch.log_softmax(sub, dim=-1))
-            pfulls.append(torch.exp(sub - torch.logsumexp(logits, dim=-1, keepdim=True)))
-            ins.append(t2d[logits.argmax(dim=-1)])
     vd = len(draft_token_ids)
-    return TargetDist(
-        logp=torch.cat(logps).view(b, t, vd),
-        p_full=torch.cat(pfulls).view(b, t, vd),
-        in_vocab=torch.cat(ins).view(b, t),
-    )
+    flat = hidden.reshape(b * t, -1)
+    rows = need.reshape(-1).nonzero().squeeze(1) if need is not None else None
+    n = len(rows) if rows is not None else b * t
+    logp = hidden.new_zeros(b * t, vd, dtype=torch.float32)
+    p_full = torch.zeros_like(logp)
+    in_vocab = torch.zeros(b * t, dtype=torch.bool, device=hidden.device)
+    with torch.no_grad():
+        for s in range(0, n, chunk):
+            idx = rows[s : s + chunk] if rows is not None else torch.arange(s, min(s + chunk, n))
+            logits = logits_fn(flat[idx]).float()
+            sub = logits[:, draft_token_ids]
+            logp[idx] = torch.log_softmax(sub, dim=-1)
+            p_full[idx] = torch.exp(sub - torch.logsumexp(logits, dim=-1, keepdim=True))
+            in_vocab[idx] = t2d[logits.argmax(dim=-1)]
+    return TargetDist(logp.view(b, t, vd), p_full.view(b, t, vd), in_vocab.view(b, t))
+
+
+def needed_rows(segment: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """bool [B,T]: positions p whose target distribution some step uses: p >= 1 and the token it
+    predicts (p+1) is a loss token of the same sample. Prompt positions skip the target's lm_head."""
+    nxt = shift(segment, 1, -1) == segment
+    need = nxt & (segment >= 0) & shift(loss_mask, 1, False)
+    need[:, 0] = False
+    return need
 
 
 def shift(x: torch.Tensor, k: int, fill=0) -> torch.Tensor:
