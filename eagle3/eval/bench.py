@@ -1,0 +1,333 @@
+"""The speed and acceptance benchmark behind `eagle3 bench` (report: CONTRACTS.md §4).
+
+Every prompt is decoded by all decoders back to back (eagle3, ar, HF generate, HF prompt lookup)
+in one process, so machine noise hits them alike and the ratios hold. mt_bench is two-turn: the
+second turn continues the conversation with the target's own greedy answer to the first (the HF
+generate output, so every decoder sees the same second prompt). At temperature 0 every eagle3
+output must equal HF generate's token for token (`lossless`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DECODERS = ("eagle3", "ar", "hf_generate", "hf_prompt_lookup")
+
+
+@dataclass
+class _Tally:
+    prompts: int = 0
+    new_tokens: int = 0
+    cycles: int = 0
+    emitted: int = 0
+    attempts: list[int] = field(default_factory=list)
+    accepts: list[int] = field(default_factory=list)
+    tokens: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    split: dict[str, float] = field(default_factory=dict)
+    lossless: bool | None = True
+    mismatches: list[str] = field(default_factory=list)
+
+    def add_time(self, name: str, tokens: int, seconds: float) -> None:
+        self.tokens[name] = self.tokens.get(name, 0) + tokens
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def add_spec(self, res) -> None:
+        self.new_tokens += len(res.tokens)
+        self.cycles += res.cycles
+        self.emitted += sum(res.accept_lengths)
+        n = max(len(self.attempts), len(res.depth_attempts))
+        self.attempts += [0] * (n - len(self.attempts))
+        self.accepts += [0] * (n - len(self.accepts))
+        for i, (a, b) in enumerate(zip(res.depth_attempts, res.depth_accepts, strict=True)):
+            self.attempts[i] += a
+            self.accepts[i] += b
+        for k in ("prefill", "draft", "verify", "accept"):
+            self.split[k] = self.split.get(k, 0.0) + res.timings[k]
+
+    def merge(self, other: _Tally) -> None:
+        self.prompts += other.prompts
+        self.new_tokens += other.new_tokens
+        self.cycles += other.cycles
+        self.emitted += other.emitted
+        n = max(len(self.attempts), len(other.attempts))
+        self.attempts = [
+            a + b for a, b in zip(_pad(self.attempts, n), _pad(other.attempts, n), strict=True)
+        ]
+        self.accepts = [
+            a + b for a, b in zip(_pad(self.accepts, n), _pad(other.accepts, n), strict=True)
+        ]
+        for name in other.tokens:
+            self.add_time(name, other.tokens[name], other.seconds[name])
+        for k, v in other.split.items():
+            self.split[k] = self.split.get(k, 0.0) + v
+        self.lossless = (
+            None
+            if other.lossless is None or self.lossless is None
+            else self.lossless and other.lossless
+        )
+
+    def tokens_per_s(self) -> dict[str, float]:
+        return {
+            n: round(self.tokens[n] / self.seconds[n], 3) if self.seconds[n] > 0 else 0.0
+            for n in self.tokens
+        }
+
+    def summary(self, with_counts: bool = True) -> dict:
+        tps = self.tokens_per_s()
+        speed = {
+            f"vs_{n}": round(tps["eagle3"] / tps[n], 3) if tps.get(n) else 0.0
+            for n in tps
+            if n != "eagle3"
+        }
+        out = {}
+        if with_counts:
+            out |= {"prompts": self.prompts, "new_tokens": self.new_tokens}
+        out["tau"] = round(self.emitted / self.cycles, 3) if self.cycles else 0.0
+        if with_counts:
+            out["alpha"] = [
+                round(b / a, 3) if a else 0.0
+                for a, b in zip(self.attempts, self.accepts, strict=True)
+            ]
+            out["tokens_per_s"] = tps
+        out["speedup"] = speed
+        out["lossless"] = self.lossless
+        return out
+
+
+def _pad(xs: list[int], n: int) -> list[int]:
+    return xs + [0] * (n - len(xs))
+
+
+def _hf_generate(
+    target, ids: list[int], max_new: int, temperature: float, infer, lookup: int | None
+):
+    inp = torch.tensor([ids], device=target.device)
+    kw = dict(
+        max_new_tokens=max_new,
+        eos_token_id=target.eos_token_ids,
+        pad_token_id=target.eos_token_ids[0] if target.eos_token_ids else 0,
+        attention_mask=torch.ones_like(inp),
+    )
+    if temperature > 0:
+        kw |= dict(
+            do_sample=True,
+            temperature=temperature,
+            top_p=infer.top_p,
+            top_k=infer.top_k_sampling or None,
+        )
+    else:
+        kw |= dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if lookup:
+        kw["prompt_lookup_num_tokens"] = lookup
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = target.model.generate(inp, **kw)
+    if target.device.type == "cuda":
+        torch.cuda.synchronize()
+    return out[0, len(ids) :].tolist(), time.perf_counter() - t0
+
+
+def run_bench(
+    recipe,
+    draft_dir: str | Path,
+    datasets: list[str] | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+    on_prompt: Callable[[dict], None] | None = None,
+) -> dict:
+    """Benchmark a draft head on the recipe's eval sets; returns the §4 report (plus `autotune`)."""
+    from eagle3.data.sources import load_eval_prompts
+    from eagle3.env import describe_device
+    from eagle3.infer.engine import encode_prompt, load_engine
+
+    ev = recipe.eval
+    if ev.threads:
+        torch.set_num_threads(ev.threads)
+    datasets = list(datasets or ev.datasets)
+    if not datasets:
+        raise ValueError("eval.datasets: no data set to benchmark")
+    limit = limit if limit is not None else ev.limit
+    bad = [b for b in ev.baselines if b not in DECODERS[1:]]
+    if bad:
+        raise ValueError(f"eval.baselines: unknown decoder(s) {bad} (have {list(DECODERS[1:])})")
+    temperature = ev.temperature
+    engine = load_engine(recipe, draft_dir)
+    target, tok = engine.target, engine.target.tokenizer
+    say = _printer(progress)
+
+    # Every data set's prompts first: a bad name fails before any timing starts.
+    sets = {name: load_eval_prompts(name, limit, recipe) for name in datasets}
+    autotuned = None
+    # Sweep once per checkpoint: a tuned tree already in it is used as is (see tuned_infer).
+    if recipe.infer.autotune and "tree" not in (engine.draft.config.eagle3 or {}):
+        from eagle3.infer.autotune import autotune, save_tuned
+
+        calib = [
+            encode_prompt(tok, [{"role": "user", "content": p.turns[0]}])
+            for p in sets[datasets[0]][:2]
+        ]
+        autotuned = autotune(engine, calib, max_new_tokens=min(64, ev.max_new_tokens), progress=say)
+        engine.cfg = engine.cfg.model_copy(update=autotuned["best"])
+        save_tuned(
+            engine.draft,
+            draft_dir,
+            autotuned,
+            describe_device(str(target.device)),
+            torch.get_num_threads(),
+        )
+        say(f"autotune: best {autotuned['best']}")
+
+    def decode_all(ids: list[int], tally: _Tally | None, label: str) -> list[int]:
+        res = engine.generate(
+            ids, temperature=temperature, max_new_tokens=ev.max_new_tokens, seed=recipe.seed
+        )
+        timings = {"eagle3": (len(res.tokens), res.timings["total"])}
+        if "ar" in ev.baselines:
+            ar = engine.generate_ar(
+                ids, temperature=temperature, max_new_tokens=ev.max_new_tokens, seed=recipe.seed
+            )
+            timings["ar"] = (len(ar.tokens), ar.timings["total"])
+        ref, secs = _hf_generate(target, ids, ev.max_new_tokens, temperature, engine.cfg, None)
+        timings["hf_generate"] = (len(ref), secs)
+        if "hf_prompt_lookup" in ev.baselines:
+            n = ev.prompt_lookup_num_tokens
+            pl, secs = _hf_generate(target, ids, ev.max_new_tokens, temperature, engine.cfg, n)
+            timings["hf_prompt_lookup"] = (len(pl), secs)
+        if tally is not None:
+            tally.add_spec(res)
+            for name, (n_tok, s) in timings.items():
+                if name == "eagle3" or name in ev.baselines:
+                    tally.add_time(name, n_tok, s)
+            if temperature > 0:
+                tally.lossless = None
+            elif res.tokens != ref:
+                tally.lossless = False
+                tally.mismatches.append(label)
+            if on_prompt:
+                on_prompt(
+                    {
+                        "id": label,
+                        "tau": res.tau,
+                        "lossless": res.tokens == ref,
+                        "tokens": len(res.tokens),
+                    }
+                )
+        return ref
+
+    # Warm-up: allocations, kernels and caches, untimed.
+    first = sets[datasets[0]]
+    for p in first[: ev.warmup]:
+        decode_all(encode_prompt(tok, [{"role": "user", "content": p.turns[0]}]), None, "warmup")
+
+    report_sets, overall = {}, _Tally()
+    for name in datasets:
+        tally = _Tally()
+        for p in sets[name]:
+            messages: list[dict] = []
+            tally.prompts += 1
+            for turn, text in enumerate(p.turns):
+                messages.append({"role": "user", "content": text})
+                ids = encode_prompt(tok, messages)
+                ref = decode_all(ids, tally, f"{name}/{p.id}/turn{turn + 1}")
+                messages.append(
+                    {"role": "assistant", "content": tok.decode(ref, skip_special_tokens=True)}
+                )
+            say(f"{name} {p.id}: tau so far {tally.summary()['tau']}")
+        report_sets[name] = tally.summary()
+        if tally.mismatches:
+            report_sets[name]["mismatches"] = tally.mismatches
+        overall.merge(tally)
+
+    depth, top_k, total = engine.tree_shape()
+    report = {
+        "target": target.name,
+        "draft": str(draft_dir),
+        "device": describe_device(str(target.device)),
+        "dtype": recipe.target.dtype,
+        "threads": torch.get_num_threads(),
+        "decoding": {
+            "mode": engine.cfg.mode,
+            "total_tokens": total,
+            "depth": depth,
+            "top_k": top_k,
+            "temperature": temperature,
+        },
+        "datasets": report_sets,
+        "overall": overall.summary(with_counts=False),
+        # Engine time split (seconds over all eagle3 generations): where a cycle's time goes.
+        "engine_time": {k: round(v, 4) for k, v in overall.split.items()},
+    }
+    if autotuned:
+        report["autotune"] = autotuned
+    return report
+
+
+def _printer(progress: bool) -> Callable[[str], None]:
+    if not progress:
+        return lambda msg: None
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return lambda msg: console.log(msg)
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    d = report["decoding"]
+    title = (
+        f"{report['target']} + {Path(report['draft']).name}\n{report['device']}, {report['dtype']}, "
+        f"{report['threads']} threads; {d['mode']} total={d['total_tokens']} depth={d['depth']} "
+        f"top_k={d['top_k']} T={d['temperature']}"
+    )
+    baselines = [
+        n for n in DECODERS[1:] if any(n in s["tokens_per_s"] for s in report["datasets"].values())
+    ]
+    table = Table(title=title)
+    table.add_column("dataset", overflow="fold")
+    for c in (
+        "prompts",
+        "tokens",
+        "tau",
+        "eagle3 tok/s",
+        *[f"{b}\ntok/s (x)" for b in baselines],
+        "lossless",
+    ):
+        table.add_column(c, justify="right")
+    for name, s in report["datasets"].items():
+        tps = s["tokens_per_s"]
+        cells = [f"{tps.get(b, 0):.1f}\n({s['speedup'].get('vs_' + b, 0):.2f}x)" for b in baselines]
+        table.add_row(
+            name,
+            str(s["prompts"]),
+            str(s["new_tokens"]),
+            f"{s['tau']:.2f}",
+            f"{tps.get('eagle3', 0):.1f}",
+            *cells,
+            str(s["lossless"]),
+        )
+    o = report["overall"]
+    cells = [f"({o['speedup'].get('vs_' + b, 0):.2f}x)" for b in baselines]
+    table.add_row("overall", "", "", f"{o['tau']:.2f}", "", *cells, str(o["lossless"]))
+    console = Console()
+    console.print(table)
+    for name, s in report["datasets"].items():
+        console.print(f"alpha per depth ({name}): " + " ".join(f"{a:.2f}" for a in s["alpha"]))
+    split = report.get("engine_time")
+    if split:
+        cyc = sum(v for k, v in split.items() if k != "prefill") or 1.0
+        console.print(
+            "eagle3 time after prefill: "
+            + ", ".join(
+                f"{k} {100 * split[k] / cyc:.0f}%"
+                for k in ("draft", "verify", "accept")
+                if k in split
+            )
+        )
