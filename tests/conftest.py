@@ -68,3 +68,21 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_head(tiny_target):
+    """An EAGLE-3 head distilled in-test on the tiny target's own greedy text (a few seconds).
+
+    It accepts long paths on the texts it saw (infer_support.random_prompts(seed=TRAIN_SEED)) and little
+    elsewhere, which exercises both long acceptance and rejection.
+    """
+    import infer_support  # tests/ is on sys.path (rootdir conftest, no package)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread is ~10x faster than two on a busy 2-core box
+    try:
+        return infer_support.train_tiny_head(tiny_target)
+    finally:
+        torch.set_num_threads(threads)

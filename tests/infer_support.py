@@ -14,13 +14,20 @@ import torch.nn.functional as F
 from eagle3.data.vocab import build_draft_vocab, count_tokens
 from eagle3.models.draft import DraftConfig, Eagle3Draft
 
+TRAIN_SEED = 0
+
+
+def random_prompts(n_seq: int = 12, prompt_len: int = 8, seed: int = TRAIN_SEED) -> torch.Tensor:
+    """Random token prompts; seed TRAIN_SEED gives the prompts the tiny head is trained on."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, 5000, (n_seq, prompt_len), generator=g)
+
 
 @torch.no_grad()
 def greedy_text(
-    target, n_seq: int = 12, prompt_len: int = 8, new: int = 56, seed: int = 0
+    target, n_seq: int = 12, prompt_len: int = 8, new: int = 56, seed: int = TRAIN_SEED
 ) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(100, 5000, (n_seq, prompt_len), generator=g)
+    prompts = random_prompts(n_seq, prompt_len, seed)
     out = target.model.generate(
         prompts,
         attention_mask=torch.ones_like(prompts),
