@@ -65,6 +65,22 @@ def register_task(recipe, art_run: str, metrics: dict, tags: dict) -> str:
     return t.register(registered_model_name(recipe), art_run, "draft", all_tags)
 
 
+def version_tags(draft: Path, report: dict, eval_set: str, data_digest, problems) -> dict:
+    """Registry version tags: what the gate and the promotion check later (sha256 per file)."""
+    from eagle3.ops.storage import sha256_file
+
+    tags = {
+        "eval_set": eval_set,
+        "data_digest": data_digest or "",
+        "check": "ok" if not problems else "; ".join(problems)[:4000],
+        "target": report.get("target"),
+    }
+    for f in sorted(Path(draft).iterdir()):
+        if f.is_file():
+            tags[f"sha256.{f.name}"] = sha256_file(f)
+    return tags
+
+
 @task(name="champion-on-eval-set", tags=["gpu"], retries=1, retry_delay_seconds=RETRY_DELAYS[:1])
 def champion_task(recipe, eval_set: str, exclude_version: str | None) -> dict | None:
     """The champion's gate numbers on this eval set (from its tags, or benchmarked again)."""
@@ -206,10 +222,9 @@ def evaluate_flow(
     draft_dir: str | None = None,
     parent_run_id: str | None = None,
     data_digest: str | None = None,
-    register: bool = True,
+    register_version: bool = True,
 ) -> dict:
     from eagle3.ops.gate import decide, gate_metrics
-    from eagle3.ops.storage import sha256_file
     from eagle3.ops.tracking import eval_set_signature, registered_model_name
 
     r = resolve_recipe(recipe, overrides)
@@ -226,16 +241,8 @@ def evaluate_flow(
         eval_set = eval_set_signature(r, report)
         cand = gate_metrics(metrics, r.promote.speedup_baseline, eval_set)
         version = None
-        if register:
-            tags = {
-                "eval_set": eval_set,
-                "data_digest": data_digest or "",
-                "check": "ok" if not problems else "; ".join(problems)[:4000],
-                "target": report.get("target"),
-            }
-            for f in sorted(draft.iterdir()):
-                if f.is_file():
-                    tags[f"sha256.{f.name}"] = sha256_file(f)
+        if register_version:
+            tags = version_tags(draft, report, eval_set, data_digest, problems)
             version = register_task(r, art_run, metrics, tags)
         champion = champion_task(r, eval_set, version)
         decision = decide(cand, champion, r.promote, problems).to_dict()

@@ -24,6 +24,7 @@ from flows.common import RETRY_DELAYS, mlflow_run, resolve_recipe, s3_retryable,
 def upload_task(settings, model: str, version: str, draft_dir: str, meta: dict) -> dict:
     from eagle3.ops import storage
 
+    storage.check_access(settings)  # wrong keys: fail at once (not retried), naming the endpoint
     return storage.upload_version(settings, model, version, draft_dir, meta)
 
 
@@ -80,7 +81,6 @@ def execute_promotion(
 
     t = tracker(r)
     settings = storage.settings_from_recipe(r.storage)
-    storage.check_access(settings)  # wrong keys or endpoint: fail now, naming the endpoint
     _verify_against_registry(t, model, version, draft_dir)
     mv = t.version(model, version)
     tags = dict(mv.tags)

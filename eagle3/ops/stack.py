@@ -369,7 +369,7 @@ def _wait_healthy(st: Stack, names: list[str], timeout: float, echo) -> None:
             if st.healthy(name):
                 pending.remove(name)
                 echo(f"  {name:8s} healthy at {st.url(name)}")
-            elif not st.running(name):
+            elif _exited(st.pids.get(name)):
                 tail = _tail(st.log_path(name))
                 raise StackError(f"{name} exited during start-up; log {st.log_path(name)}:\n{tail}")
         if pending and time.monotonic() > deadline:
@@ -379,6 +379,17 @@ def _wait_healthy(st: Stack, names: list[str], timeout: float, echo) -> None:
             )
         if pending:
             time.sleep(0.5)
+
+
+def _exited(pid: int | None) -> bool:
+    """Whether a process we just started has ended (its command line may not show yet)."""
+    if not pid:
+        return True
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == pid
+    except ChildProcessError:  # not our child (started by an earlier `eagle3 stack up`)
+        return not pid_alive(pid)
 
 
 def _tail(path: Path, n: int = 15) -> str:

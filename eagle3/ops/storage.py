@@ -12,6 +12,7 @@ messages name the endpoint, the bucket and the key of the object, nothing else.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -99,16 +100,31 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 # --- client and errors ------------------------------------------------------------------------------
 def client(s: S3Settings, max_attempts: int = 3):
+    """A boto3 S3 client for these settings and the CURRENT credentials (explicit, else the
+    environment, else boto3's chain). Clients are cached per (settings, credentials): building
+    one costs about half a second, and boto3's default session would keep stale keys."""
+    key = s.access_key or os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = s.secret_key if s.access_key else os.environ.get("AWS_SECRET_ACCESS_KEY")
+    token = None if s.access_key else os.environ.get("AWS_SESSION_TOKEN")
+    return _client(s.endpoint_url, s.region, key, secret, token, max_attempts)
+
+
+@functools.lru_cache(maxsize=32)
+def _client(endpoint, region, key, secret, token, max_attempts):
     import boto3
     from botocore.config import Config
 
     keys = {}
-    if s.access_key:
-        keys = {"aws_access_key_id": s.access_key, "aws_secret_access_key": s.secret_key}
-    return boto3.client(
+    if key:
+        keys = {
+            "aws_access_key_id": key,
+            "aws_secret_access_key": secret,
+            "aws_session_token": token,
+        }
+    return boto3.session.Session().client(
         "s3",
-        endpoint_url=s.endpoint_url,
-        region_name=s.region,
+        endpoint_url=endpoint,
+        region_name=region,
         **keys,
         config=Config(
             retries={"max_attempts": max_attempts, "mode": "standard"},
