@@ -1,0 +1,152 @@
+"""infra/ and prefect.yaml, validated without Docker or a cluster: the Compose specification
+schema, the Kubernetes OpenAPI schemas, yamllint, and Prefect's own deployment model."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
+YAML_FILES = [
+    ROOT / "prefect.yaml",
+    INFRA / "compose.yaml",
+    INFRA / "k8s" / "values.yaml",
+    INFRA / "k8s" / "gpu-job.yaml",
+]
+K8S_VERSION = "1.37.0"
+
+
+def load(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: p.name)
+def test_yamllint(path):
+    from yamllint import linter
+    from yamllint.config import YamlLintConfig
+
+    conf = YamlLintConfig(
+        "extends: default\nrules: {line-length: {max: 120}, document-start: disable, "
+        "truthy: {check-keys: false}, comments: {min-spaces-from-content: 1}}"
+    )
+    problems = [p for p in linter.run(path.read_text(), conf) if p.level == "error"]
+    assert not problems, "\n".join(f"{path.name}:{p.line}:{p.column} {p.message}" for p in problems)
+
+
+def test_compose_matches_the_compose_spec():
+    import jsonschema
+    from check_jsonschema.builtin_schemas import get_builtin_schema
+
+    schema = get_builtin_schema("vendor.compose-spec")
+    doc = load(INFRA / "compose.yaml")
+    jsonschema.validate(doc, schema)
+    services = doc["services"]
+    assert {"postgres", "minio", "prefect-server", "mlflow", "worker-gpu"} <= set(services)
+    # every published port binds loopback only
+    for name, svc in services.items():
+        for p in svc.get("ports", []):
+            assert str(p).startswith("127.0.0.1:"), f"{name}: port {p} is not bound to 127.0.0.1"
+    # the worker reserves an NVIDIA GPU; MLflow stores metadata in Postgres and artifacts in S3
+    devices = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    cmd = " ".join(services["mlflow"]["command"])
+    assert "postgresql://" in cmd and "--artifacts-destination s3://" in cmd
+    assert services["mlflow"]["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert (
+        "postgresql+asyncpg://"
+        in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    )
+
+
+def test_no_secrets_in_infra_files():
+    text = (INFRA / "compose.yaml").read_text()
+    # passwords only as required variables, never literal values
+    for m in re.finditer(r"(PASSWORD|SECRET_ACCESS_KEY):\s+(\S+)", text):
+        assert m.group(2).startswith("${"), f"literal secret in compose.yaml: {m.group(0)}"
+    assert ":eagle3@" not in text and "minioadmin" not in text
+    env_example = (INFRA / ".env.example").read_text()
+    assert "change-me" in env_example
+
+
+def _fill(template, values: dict):
+    """Render a Prefect base job template the way the worker does: whole-string placeholders
+    take the variable's value (any type), embedded ones are substituted as text."""
+    if isinstance(template, dict):
+        return {k: _fill(v, values) for k, v in template.items()}
+    if isinstance(template, list):
+        return [_fill(v, values) for v in template]
+    if isinstance(template, str):
+        whole = re.fullmatch(r"\{\{\s*(\w+)\s*\}\}", template)
+        if whole:
+            return values[whole.group(1)]
+        return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: str(values[m.group(1)]), template)
+    return template
+
+
+def test_kubernetes_job_template_renders_a_valid_gpu_job():
+    import kubernetes_validate
+
+    tpl = json.loads((INFRA / "k8s" / "base-job-template.json").read_text())
+    props = tpl["variables"]["properties"]
+    values = {k: copy.deepcopy(v.get("default")) for k, v in props.items()}
+    # what the Kubernetes worker passes in: env as a list, the command as args
+    values["env"] = [{"name": k, "value": v} for k, v in values["env"].items()]
+    values["command"] = ["prefect", "flow-run", "execute"]
+    values["name"] = "eagle3-run"
+    manifest = _fill(tpl["job_configuration"]["job_manifest"], values)
+    kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+    pod = manifest["spec"]["template"]["spec"]
+    res = pod["containers"][0]["resources"]
+    assert res["limits"]["nvidia.com/gpu"] == 1 == res["requests"]["nvidia.com/gpu"]
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    # every placeholder in the template is a declared variable
+    used = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", json.dumps(tpl["job_configuration"])))
+    assert used <= set(props), used - set(props)
+
+
+def test_plain_gpu_job_and_helm_values():
+    import kubernetes_validate
+
+    job = load(INFRA / "k8s" / "gpu-job.yaml")
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["command"][:2] == ["eagle3", "pipeline"]
+    assert (ROOT / c["command"][3]).is_file()
+    values = load(INFRA / "k8s" / "values.yaml")
+    assert values["worker"]["config"]["workPool"] == "eagle3-gpu"
+    assert values["worker"]["config"]["type"] == "kubernetes"
+
+
+def test_prefect_yaml_deployments():
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.client.schemas.schedules import CronSchedule
+
+    raw = load(ROOT / "prefect.yaml")
+    model = PrefectYamlModel.model_validate(raw)
+    deps = {d.name: d for d in model.deployments}
+    assert {"scheduled", "on-demand", "scheduled-gpu", "on-demand-gpu"} <= set(deps)
+    expect_flow = {"scheduled": "eagle3-pipeline", "on-demand": "eagle3-infer"}
+    pools = {"eagle3-local", "eagle3-gpu"}
+    readme = (INFRA / "README.md").read_text()
+    for name, d in deps.items():
+        path, func = d.entrypoint.split(":")
+        assert (ROOT / path).is_file()
+        fl = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), func)
+        assert fl.name == expect_flow[name.removesuffix("-gpu")]
+        # the parameters are the flow's own, and the recipe exists
+        assert set(d.parameters) <= set(fl.parameters.properties), name
+        assert (ROOT / d.parameters["config"]).is_file()
+        assert d.work_pool.name in pools and d.work_pool.name in readme
+        for s in d.schedules or []:
+            CronSchedule(cron=s.cron, timezone=s.timezone)
+    assert deps["scheduled"].schedules and deps["scheduled"].schedules[0].cron == "0 3 * * 1"
+    assert not deps["on-demand"].schedules
+    assert deps["scheduled-gpu"].work_pool.job_variables["gpus"] == 1
