@@ -72,10 +72,16 @@ def cmd_train(args) -> int:
 def cmd_bench(args) -> int:
     recipe = _recipe(args)
     _need_dir(args.draft, "--draft")
+    from eagle3.data.sources import SourceError
     from eagle3.eval.bench import print_report, run_bench
 
-    datasets = args.datasets.split(",") if args.datasets else None
-    report = run_bench(recipe, args.draft, datasets=datasets, limit=args.limit, progress=True)
+    datasets = [d for d in args.datasets.split(",") if d] if args.datasets else None
+    if args.limit is not None and args.limit < 1:
+        raise BadInput(f"--limit {args.limit}: must be >= 1")
+    try:
+        report = run_bench(recipe, args.draft, datasets=datasets, limit=args.limit, progress=True)
+    except SourceError as e:  # an unknown or unreadable data set name
+        raise BadInput(str(e)) from None
     _write_json(args.out, report)
     print_report(report)
     print(f"report: {args.out}")

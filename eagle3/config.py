@@ -143,14 +143,16 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    datasets: list[str] = Field(default_factory=lambda: ["mt_bench"])
-    limit: int | None = None
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    warmup: int = 1
-    baselines: list[str] = Field(default_factory=lambda: ["ar", "hf_generate", "hf_prompt_lookup"])
-    prompt_lookup_num_tokens: int = 10
-    threads: int | None = None
+    datasets: list[str] = Field(default_factory=lambda: ["mt_bench"])  # catalog names
+    limit: int | None = Field(default=None, ge=1)  # prompts per data set
+    max_new_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0)  # 0: greedy, and `lossless` is checked
+    warmup: int = Field(default=1, ge=0)  # prompts decoded untimed by every decoder first
+    baselines: list[Literal["ar", "hf_generate", "hf_prompt_lookup"]] = Field(
+        default_factory=lambda: ["ar", "hf_generate", "hf_prompt_lookup"]
+    )
+    prompt_lookup_num_tokens: int = Field(default=10, ge=1)
+    threads: int | None = Field(default=None, ge=1)  # torch threads (None: torch's default)
 
 
 class TrackingConfig(Section):
@@ -178,14 +180,17 @@ class PromoteConfig(Section):
 class InferConfig(Section):
     # Target backend of the engine: hf (transformers forward) or fast (compact gpt-fast style).
     backend: Literal["hf", "fast"] = "hf"
+    # tree: EAGLE-2 dynamic tree; chain: top_k = 1 and total_tokens = depth (vLLM-style drafts).
     mode: Literal["tree", "chain"] = "tree"
-    total_tokens: int = 16
-    depth: int = 5
-    top_k: int = 4
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k_sampling: int = 0
-    max_new_tokens: int = 256
+    total_tokens: int = Field(default=16, ge=1)  # draft tokens verified per cycle (tree nodes)
+    depth: int = Field(default=5, ge=1)  # draft tokens on the longest root path
+    top_k: int = Field(default=4, ge=1)  # children expanded per frontier node, and frontier size
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k_sampling: int = Field(default=0, ge=0)  # 0: off
+    max_new_tokens: int = Field(default=256, ge=1)
+    # Sweep tree settings on this hardware (eagle3 bench) and store them in the checkpoint;
+    # later runs with autotune on use the stored ones.
     autotune: bool = False
     stop: list[str] = Field(default_factory=list)
 

@@ -291,13 +291,14 @@ def print_report(report: dict) -> None:
         n for n in DECODERS[1:] if any(n in s["tokens_per_s"] for s in report["datasets"].values())
     ]
     table = Table(title=title)
+    short = {"ar": "ar", "hf_generate": "hf gen", "hf_prompt_lookup": "hf pld"}
     table.add_column("dataset", overflow="fold")
     for c in (
-        "prompts",
+        "n",
         "tokens",
         "tau",
-        "eagle3 tok/s",
-        *[f"{b}\ntok/s (x)" for b in baselines],
+        "eagle3\ntok/s",
+        *[f"{short[b]}\ntok/s (x)" for b in baselines],
         "lossless",
     ):
         table.add_column(c, justify="right")
