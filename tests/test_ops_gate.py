@@ -1,0 +1,151 @@
+"""The promotion gate (pure) and the tracking helpers (MLflow on a temp sqlite)."""
+
+from __future__ import annotations
+
+import pytest
+
+from eagle3.config import PromoteConfig
+from eagle3.ops.gate import decide, gate_metrics
+
+CFG = PromoteConfig(min_tau=1.5, min_speedup=1.0, tolerance=0.05)
+
+
+def cand(tau=2.0, speedup=1.5, lossless=True, eval_set="E"):
+    return gate_metrics(
+        {"tau": tau, "speedup_vs_hf_generate": speedup, "lossless": 1.0 if lossless else 0.0},
+        "hf_generate",
+        eval_set,
+    )
+
+
+def champ(tau=2.0, speedup=1.5, eval_set="E"):
+    return {**cand(tau, speedup, True, eval_set), "version": "7"}
+
+
+def test_first_version_uses_absolute_floors():
+    d = decide(cand(), None, CFG, [])
+    assert d.promote and "no champion yet" in d.reasons[0]
+    d = decide(cand(tau=1.4), None, CFG, [])
+    assert not d.promote and any("tau 1.400 below the floor 1.500" in r for r in d.reasons)
+    d = decide(cand(speedup=0.9), None, CFG, [])
+    assert not d.promote and any("speedup vs hf_generate 0.900 below" in r for r in d.reasons)
+
+
+def test_lossless_and_checkpoint_are_required():
+    d = decide(cand(lossless=False), None, CFG, [])
+    assert not d.promote and any("not lossless" in r for r in d.reasons)
+    d = decide(cand(), None, CFG, ["fc.weight: missing"])
+    assert not d.promote and any("eagle3 check" in r and "fc.weight" in r for r in d.reasons)
+    relaxed = PromoteConfig(min_tau=1.5, min_speedup=1.0, require_lossless=False)
+    assert decide(cand(lossless=False), None, relaxed, []).promote
+
+
+def test_tolerance_against_the_champion_on_the_same_eval_set():
+    # within 5 %: promoted; worse by more: rejected, naming what and by how much
+    assert decide(cand(tau=1.92), champ(), CFG, []).promote
+    d = decide(cand(tau=1.8), champ(), CFG, [])
+    assert not d.promote
+    assert d.reasons == ["tau 1.800 worse than champion v7's 2.000 by more than 5%"]
+    d = decide(cand(speedup=1.3), champ(), CFG, [])
+    assert not d.promote and "speedup vs hf_generate 1.300 worse than champion v7" in d.reasons[0]
+    # numbers from another eval set are not compared
+    d = decide(cand(), champ(eval_set="OTHER"), CFG, [])
+    assert not d.promote and "another eval set" in d.reasons[0]
+
+
+def test_missing_numbers_are_reasons_not_crashes():
+    d = decide(gate_metrics({}, "hf_generate", "E"), None, CFG, [])
+    assert not d.promote
+    assert {"no tau in the evaluation", "no speedup vs hf_generate in the evaluation"} <= set(
+        d.reasons
+    )
+    # registry tags are strings
+    g = gate_metrics({"tau": "2.5", "speedup_vs_ar": "1.2", "lossless": "1.0"}, "ar", "E")
+    assert g == {
+        "tau": 2.5,
+        "speedup": 1.2,
+        "speedup_baseline": "ar",
+        "lossless": True,
+        "eval_set": "E",
+    }
+
+
+def test_report_metrics_and_names(tiny_recipe):
+    from eagle3.ops.tracking import eval_set_signature, registered_model_name, report_metrics
+
+    ds = lambda tau, n: {  # noqa: E731
+        "prompts": n,
+        "new_tokens": 10,
+        "tau": tau,
+        "alpha": [0.5, 0.25],
+        "tokens_per_s": {"eagle3": 20.0, "ar": 10.0},
+        "speedup": {"vs_ar": 2.0, "vs_hf_generate": 1.5},
+        "lossless": True,
+    }
+    report = {
+        "target": "t",
+        "datasets": {"mt_bench": ds(2.0, 3), "gsm8k": {**ds(3.0, 1), "alpha": [0.9, 0.5]}},
+        "overall": {"tau": 2.2, "speedup": {"vs_ar": 2.0, "vs_hf_generate": 1.5}, "lossless": True},
+    }
+    m = report_metrics(report)
+    assert m["tau"] == 2.2 and m["speedup_vs_hf_generate"] == 1.5 and m["speedup_vs_ar"] == 2.0
+    assert m["lossless"] == 1.0 and m["gsm8k/tau"] == 3.0 and m["mt_bench/alpha_1"] == 0.25
+    assert m["alpha_0"] == pytest.approx((0.5 * 3 + 0.9 * 1) / 4)  # weighted by prompts
+    assert m["tokens_per_s_eagle3"] == 20.0
+    assert registered_model_name(tiny_recipe) == "eagle3-tiny-llama"
+    sig = eval_set_signature(tiny_recipe, report)
+    report2 = {**report, "datasets": {"mt_bench": ds(2.0, 4)}}
+    assert (
+        sig == eval_set_signature(tiny_recipe, report) != eval_set_signature(tiny_recipe, report2)
+    )
+
+
+def test_tracking_uri_rules(monkeypatch, tmp_path):
+    from eagle3.config import TrackingConfig
+    from eagle3.ops.tracking import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("EAGLE3_HOME", str(tmp_path))
+    assert tracking_uri(TrackingConfig()) == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert tracking_uri(TrackingConfig()) == "http://127.0.0.1:1"
+    assert tracking_uri(TrackingConfig(uri="sqlite:///x.db")) == "sqlite:///x.db"
+    for bad in ("./mlruns", "file:///tmp/mlruns"):
+        with pytest.raises(ValueError, match="file store"):
+            tracking_uri(TrackingConfig(uri=bad))
+
+
+def test_tracker_logs_runs_dataset_and_registry(tmp_path, monkeypatch):
+    import json
+
+    from eagle3.config import TrackingConfig
+    from eagle3.ops.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("EAGLE3_HOME", str(tmp_path))
+    t = Tracker(TrackingConfig(experiment="exp"))
+    parent = t.start_run("pipeline")
+    child = t.start_run("train", parent_id=parent, tags={"eagle3.target": "tiny"})
+    t.log_params(child, {"a.b": 1, "c": [1, 2], "long": "x" * 2000})
+    t.log_metrics(child, {"train/loss_0": 1.0, "bad key!": 2.0, "nan": float("nan")}, step=3)
+    manifest = {"digest": "abc123", "samples": 3}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    t.log_dataset(child, manifest, tmp_path / "manifest.json")
+    run = t.run(child)
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.params["c"] == "[1, 2]" and len(run.data.params["long"]) == 500
+    assert run.data.metrics == {"train/loss_0": 1.0, "bad key_": 2.0}
+    assert run.inputs.dataset_inputs[0].dataset.digest == "abc123"
+    # artifacts land next to the sqlite file, not in the working directory
+    d = tmp_path / "draft"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    t.log_artifact(parent, d, "draft")
+    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+    v = t.register("eagle3-x", parent, "draft", {"tau": 2.0})
+    assert v == "1" and str(t.alias_version("eagle3-x", "candidate").version) == "1"
+    assert t.alias_version("eagle3-x", "champion") is None
+    t.set_alias("eagle3-x", "champion", v)
+    assert t.alias_version("eagle3-x", "champion").tags["tau"] == "2.0"
+    out = t.download_version("eagle3-x", v, tmp_path / "dl")
+    assert (out / "config.json").read_text() == "{}"
