@@ -19,7 +19,7 @@ import torch
 
 from eagle3.infer.runner import Runner, make_runner
 from eagle3.infer.tree import Drafter
-from eagle3.infer.verify import accept_greedy, accept_sample, sample, warp_probs
+from eagle3.infer.verify import accept_greedy, accept_sample, argmax, sample, warp_probs
 
 
 @dataclass
@@ -61,7 +61,7 @@ class _Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         if self.temperature <= 0:
-            return int(logits.argmax(-1))
+            return int(argmax(logits))
         return sample(
             warp_probs(logits.cpu(), self.temperature, self.top_p, self.top_k), self.generator
         )

@@ -36,13 +36,24 @@ def warp_probs(
     return x.softmax(-1)
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax, first index on ties (as torch and HF generate).
+
+    On CPU numpy's SIMD argmax is ~15x faster than torch's (97 us vs 1.5 ms for 17 x 49152 fp32,
+    one thread), which is most of the accept phase on a small target with a big vocabulary.
+    """
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.as_tensor(logits.detach().numpy().argmax(-1))
+    return logits.argmax(-1)
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def accept_greedy(tree: Tree, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Deepest node whose every ancestor matches the target's argmax, plus the target's token."""
-    pred = logits.argmax(-1)  # [n] the target's token after each row
+    pred = argmax(logits)  # [n] the target's token after each row
     match = tree.tokens == pred[tree.parents.clamp(min=0)]
     match[0] = True
     # A node is accepted iff no row on its root path (its mask row) mismatches.
