@@ -116,6 +116,10 @@ def _init_from(draft, path: str) -> None:
         raise ConfigError(f"train.init_from {path}: tensors do not match ({missing} {unexpected})")
 
 
+def _has_features(dataset) -> bool:
+    return len(dataset) > 0 and getattr(dataset[0], "aux", None) is not None
+
+
 # --- the loop -----------------------------------------------------------------------------------------
 def train(
     recipe: Recipe,
@@ -198,8 +202,13 @@ class _Run:
         self.source = FeatureSource(
             self.target, self.draft, cfg.features, self.state_dir / "feature_cache", feature_dtype
         )
+        if cfg.features == "offline" and not _has_features(train_set):
+            raise ConfigError(
+                "train.features is offline but the training samples carry no features"
+            )
+        # Validation reads features when its samples carry them, else runs the target (hybrid too).
         self.val_source = FeatureSource(
-            self.target, self.draft, "offline" if cfg.features == "offline" else "online"
+            self.target, self.draft, "offline" if _has_features(val_set) else "online"
         )
         self.fingerprint = self._fingerprint(vocab, len(train_set))
         start = self._resume()
