@@ -64,10 +64,13 @@ def flow_run_id() -> str | None:
 
 
 def flow_run_url() -> str | None:
+    """The UI page of the current flow run (the address Prefect logs as "View at")."""
     try:
         from prefect.runtime import flow_run
+        from prefect.settings import get_current_settings
 
-        return flow_run.ui_url
+        ui = get_current_settings().ui_url
+        return f"{ui.rstrip('/')}/runs/flow-run/{flow_run.id}" if ui and flow_run.id else None
     except Exception:
         return None
 

@@ -33,8 +33,10 @@ def training_curves(history: list[tuple[int, dict[str, float]]]):
         keys = sorted((k for k in series if re.match(rf"^(train|val)/{kind}_\d+$", k)), key=idx)
         for k in keys:
             pts = sorted(series[k])
-            style = "-" if k.startswith("train/") else "--"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{k} (step {idx(k)})")
+            style = "-" if k.startswith("train/") else "--o"
+            ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], style, ms=4, label=f"{k} (step {idx(k)})"
+            )
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(kind)
         ax.set_title(f"TTT {kind} per unroll step i")
