@@ -139,20 +139,12 @@ def mlflow_home(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_drafts(tiny_target, tmp_path_factory):
-    """Three differently seeded drafts shaped for the tiny target."""
-    import torch
-
-    from eagle3.models.checkpoint import save_draft
-    from eagle3.models.draft import DraftConfig, Eagle3Draft
+def tiny_drafts(tmp_path_factory):
+    """Three differently seeded, valid §3 checkpoints (the engine never loads them here)."""
+    from test_ops_storage import make_draft
 
     root = tmp_path_factory.mktemp("drafts")
-    out = []
-    for seed in range(3):
-        torch.manual_seed(seed)
-        cfg = DraftConfig.from_target(tiny_target.config, 2048)
-        out.append(save_draft(Eagle3Draft(cfg), root / f"d{seed}"))
-    return out
+    return [make_draft(root / f"d{seed}", seed=seed) for seed in range(3)]
 
 
 @pytest.fixture()
@@ -298,25 +290,14 @@ def test_wrong_credentials_fail_fast_naming_the_endpoint(recipe, tiny_drafts, s3
     assert champion_alias(recipe) is None
 
 
-def test_inference_reads_champion_and_detects_corruption(recipe, tiny_drafts, s3_env):
+def test_inference_detects_a_corrupted_champion_before_loading(recipe, tiny_drafts, s3_env):
     from eagle3.ops.tracking import registered_model_name
     from flows.infer import infer_flow
     from flows.promote import promote_flow
 
-    pytest.importorskip("eagle3.infer.engine")
     model = registered_model_name(recipe)
     v1 = register_candidate(recipe, tiny_drafts[0], make_report(1.8, 1.3))
     assert promote_flow(recipe, version=v1)["promoted"]
-
-    # prompts from an S3 JSONL; outputs land next to it
-    prompts_uri = f"s3://{s3_env.bucket}/jobs/prompts.jsonl"
-    storage.write_jsonl_uri(prompts_uri, [{"prompt": "Hello"}, "Name a colour."], s3_env)
-    out = infer_flow(prompts_uri, config=recipe, max_new_tokens=8)
-    assert out["count"] == 2 and out["champion"]["version"] == v1 and out["tau"] >= 1.0
-    assert out["output_uri"].startswith(f"s3://{s3_env.bucket}/jobs/prompts.outputs-")
-    rows = storage.read_jsonl_uri(out["output_uri"], s3_env)
-    assert [r["prompt"] for r in rows] == ["Hello", "Name a colour."]
-    assert all(1 <= r["new_tokens"] <= 8 and r["champion_version"] == v1 for r in rows)
 
     # corrupt the champion's weights in S3: detected before anything is loaded
     key = f"eagle3/{model}/v{v1}/model.safetensors"
@@ -330,3 +311,26 @@ def test_inference_reads_champion_and_detects_corruption(recipe, tiny_drafts, s3
     runs = task_runs(state)
     assert runs["fetch-champion"][0].run_count == 1  # corruption is not retried
     assert "generate" not in runs  # the engine never ran
+
+
+def test_prompts_from_a_list_or_s3_jsonl(tiny_recipe, s3_env):
+    from flows.infer import load_prompts_task, output_uri_for
+
+    assert load_prompts_task.fn(tiny_recipe, ["a", {"prompt": "b"}]) == ["a", "b"]
+    uri = f"s3://{s3_env.bucket}/in/p.jsonl"
+    storage.write_jsonl_uri(uri, ["x", {"prompt": "y", "id": 3}], s3_env)
+    assert load_prompts_task.fn(tiny_recipe, uri) == ["x", "y"]
+    assert (
+        output_uri_for(tiny_recipe, uri, "m", "RUN")
+        == f"s3://{s3_env.bucket}/in/p.outputs-RUN.jsonl"
+    )
+    assert (
+        output_uri_for(tiny_recipe, ["x"], "m", "RUN")
+        == f"s3://{s3_env.bucket}/eagle3/m/inference/RUN.jsonl"
+    )
+    with pytest.raises(ValueError, match="prompt 1"):
+        load_prompts_task.fn(tiny_recipe, ["ok", {"text": "no prompt key"}])
+    with pytest.raises(ValueError, match="s3:// URI"):
+        load_prompts_task.fn(tiny_recipe, "/local/file.jsonl")
+    with pytest.raises(ValueError, match="no prompts"):
+        load_prompts_task.fn(tiny_recipe, [])

@@ -111,14 +111,18 @@ def test_pipeline_end_to_end_on_tiny(tmp_path, s3_env, sqlite_mlflow, prefect_ha
     assert found and "## Gate: PROMOTE" in found[0].data and "alpha_0" in found[0].data
     assert tables and "mt_bench" in str(tables[0].data)
 
-    # on-demand inference reads the champion from S3 and writes its outputs there
-    res = infer_flow(["Say hello."], config=recipe, max_new_tokens=8)
+    # on-demand inference: prompts from an S3 JSONL, the champion from S3, outputs next to the input
+    prompts_uri = f"s3://{s3_env.bucket}/jobs/prompts.jsonl"
+    storage.write_jsonl_uri(prompts_uri, [{"prompt": "Say hello."}, "Name a colour."], s3_env)
+    res = infer_flow(prompts_uri, config=recipe, max_new_tokens=8)
     assert (
-        res["count"] == 1 and res["champion"]["version"] == v and res["champion"]["source"] == "s3"
+        res["count"] == 2 and res["champion"]["version"] == v and res["champion"]["source"] == "s3"
     )
     assert res["tau"] >= 1.0 and res["tokens_per_s"] > 0
+    assert res["output_uri"].startswith(f"s3://{s3_env.bucket}/jobs/prompts.outputs-")
     rows = storage.read_jsonl_uri(res["output_uri"], s3_env)
-    assert rows[0]["prompt"] == "Say hello." and 1 <= rows[0]["new_tokens"] <= 8
+    assert [r["prompt"] for r in rows] == ["Say hello.", "Name a colour."]
+    assert all(1 <= r["new_tokens"] <= 8 and r["champion_version"] == v for r in rows)
 
     # a rerun with unchanged data settings reuses the data (a cached task result)
     t0 = time.perf_counter()
