@@ -24,9 +24,13 @@ class FastRunner:
         self.device = target.device
         self.model = FastLlama(target.model, target.aux_layer_ids, capacity)
         self.cache = self.model.new_cache(capacity)
-        self._forward = self.model.forward
+        self._forward = self.model.forward_raw
+        # inference_mode is the cheaper guard in eager; torch.compile cannot write the (normal)
+        # cache tensors inside it, so the compiled path runs under no_grad.
+        self._mode = torch.inference_mode
         if compile:
-            self._forward = torch.compile(self.model.forward, dynamic=True)
+            self._forward = torch.compile(self.model.forward_raw, dynamic=True)
+            self._mode = torch.no_grad
         self._len = 0  # committed rows
         self._last_n = 0  # rows written by the last verify (not committed)
 
@@ -53,7 +57,6 @@ class FastRunner:
         self.cache = new
         self.model.extend_rope(cap)
 
-    @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, last_only: bool = False):
         ids = input_ids.to(self.device).long().view(-1)
         n, past = ids.numel(), self._len
@@ -62,12 +65,12 @@ class FastRunner:
         self._reserve(n)
         pos = torch.arange(past, past + n, device=self.device)
         rows = slice(n - 1, n) if last_only else None
-        logits, aux = self._forward(ids, pos, self.cache, past, None, rows)
+        with self._mode():
+            logits, aux = self._forward(ids, pos, self.cache, past, None, rows)
         self._len = past + n
         self._last_n = 0
         return logits, aux
 
-    @torch.inference_mode()
     def verify(self, tokens: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor):
         n, past = tokens.numel(), self._len
         if tree_mask.shape != (n, n):
@@ -75,21 +78,26 @@ class FastRunner:
                 f"verify: tree_mask has shape {tuple(tree_mask.shape)}, want ({n}, {n})"
             )
         self._reserve(n)
-        # Row j sees the whole prefix and the tree rows its mask allows.
-        mask = torch.ones(n, past + n, dtype=torch.bool, device=self.device)
-        mask[:, past:] = tree_mask
-        logits, aux = self._forward(
-            tokens.to(self.device).view(-1),
-            position_ids.to(self.device).view(-1),
-            self.cache,
-            past,
-            mask,
-            None,
-        )
+        # Row j sees the whole prefix and the tree rows its mask allows. A single row that sees
+        # itself (plain decoding) needs no mask at all; only checked on CPU (no device sync).
+        if n == 1 and tree_mask.device.type == "cpu" and bool(tree_mask[0, 0]):
+            mask = None
+        else:
+            mask = torch.ones(n, past + n, dtype=torch.bool, device=self.device)
+            mask[:, past:] = tree_mask
+        with self._mode():
+            logits, aux = self._forward(
+                tokens.to(self.device).view(-1),
+                position_ids.to(self.device).view(-1),
+                self.cache,
+                past,
+                mask,
+                None,
+            )
         self._last_n = n
         return logits, aux
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def keep(self, rows: torch.Tensor) -> None:
         m = rows.numel()
         if m and int(rows[-1]) >= self._last_n:
