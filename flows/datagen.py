@@ -39,17 +39,30 @@ def data_task(recipe, key: str) -> dict:
     return json.loads(json.dumps(manifest, default=str))
 
 
+def manifest_numbers(manifest: dict) -> dict[str, float]:
+    """The manifest's counts, one level deep: data/samples.conversations, data/tokens.total, ..."""
+    out = {}
+    for k, v in manifest.items():
+        items = v.items() if isinstance(v, dict) else [(None, v)]
+        for k2, v2 in items:
+            if isinstance(v2, (int, float)) and not isinstance(v2, bool):
+                out[f"data/{k}" + (f".{k2}" if k2 else "")] = float(v2)
+    return out
+
+
 @task(name="log-data", retries=3, retry_delay_seconds=RETRY_DELAYS)
 def log_data_task(recipe, manifest: dict, parent_run_id: str | None) -> str:
     path = recipe.run_path / "data" / "manifest.json"
     with mlflow_run(recipe, "data", parent_run_id) as (t, run_id):
-        metrics = {
-            k: v
-            for k, v in manifest.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        t.log_metrics(run_id, manifest_numbers(manifest))
+        target = manifest.get("target") or {}
+        tags = {
+            "eagle3.data_digest": manifest.get("digest"),
+            "eagle3.target_id": target.get("id"),
+            "eagle3.target_revision": target.get("revision"),
         }
-        t.log_metrics(run_id, {f"data/{k}": v for k, v in metrics.items()})
-        t.set_tags(run_id, {"eagle3.data_digest": manifest.get("digest")})
+        for rid in {run_id, parent_run_id} - {None}:
+            t.set_tags(rid, tags)
         for rid in {run_id, parent_run_id} - {None}:
             if path.is_file():
                 t.log_dataset(rid, manifest, path)

@@ -75,6 +75,10 @@ def version_tags(draft: Path, report: dict, eval_set: str, data_digest, problems
         "check": "ok" if not problems else "; ".join(problems)[:4000],
         "target": report.get("target"),
     }
+    manifest = Path(draft).parent / "data" / "manifest.json"
+    if manifest.is_file():  # the target's revision (file sha256 or seed) from the data stage
+        target = json.loads(manifest.read_text()).get("target") or {}
+        tags["target_revision"] = str(target.get("revision"))
     for f in sorted(Path(draft).iterdir()):
         if f.is_file():
             tags[f"sha256.{f.name}"] = sha256_file(f)

@@ -88,7 +88,11 @@ def execute_promotion(
         "mlflow_run_id": mv.run_id,
         "metrics": decision.get("candidate", {}),
         "data_digest": tags.get("data_digest"),
-        "target": {"id": tags.get("target"), "kind": r.target.kind, "revision": r.target.revision},
+        "target": {
+            "id": tags.get("target"),
+            "kind": r.target.kind,
+            "revision": tags.get("target_revision") or r.target.revision,
+        },
         "eval_set": tags.get("eval_set"),
         "recipe": flatten_recipe(r),
     }

@@ -75,9 +75,8 @@ def log_train_task(recipe, summary: dict, run_id: str, art_run: str) -> None:
         t.log_metrics(run_id, contract_names(final))
         if art_run != run_id:
             t.log_metrics(art_run, contract_names(final))
+    # a cached result carries the history of the run that made it
     history = [(s, m) for s, m in summary.get("history") or []]
-    if not history:  # a cached result carries the history of the run that made it
-        history = []
     fig = training_curves(history)
     t.log_figure(art_run, fig, "plots/training_curves.png")
     metrics_file = recipe.run_path / "train_metrics.json"

@@ -230,8 +230,17 @@ def test_promote_gate_history_and_rollback(recipe, tiny_drafts, s3_env):
     ptr = storage.read_champion(s3_env, model)
     assert ptr["version"] == v4 and [h["version"] for h in ptr["history"]] == [v1]
     assert champion_alias(recipe) == v4
-    out = promote_flow(recipe, rollback=True)
-    assert out["rollback"]["champion"] == v1
+    # `eagle3 promote --rollback` (the CLI) points both back to the previous champion
+    from eagle3.cli import main
+
+    cfg = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    assert main(["promote", "--config", cfg, f"tracking.registered_model={model}", "--rollback"]) == 0
+    assert storage.read_champion(s3_env, model)["version"] == v1 and champion_alias(recipe) == v1
+    # nothing older is left to roll back to: a clear failure, and v1 stays
+    state = promote_flow(recipe, rollback=True, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(storage.StorageError, match="no previous champion"):
+        state.result()
     assert storage.read_champion(s3_env, model)["version"] == v1 and champion_alias(recipe) == v1
 
 
