@@ -14,15 +14,33 @@ from eagle3.ops import stack as st
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _listening_ports(pid: int) -> list[tuple[str, int]]:
-    """(address, port) of the TCP sockets a process group listens on, from `ss`."""
-    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+def _listening_ports(pgid: int) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket that a process group listens on, from /proc."""
+    inodes = set()
+    for pid in _group(pgid):
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                link = os.readlink(fd)
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            continue
     found = []
-    for line in out.splitlines():
-        if f"pid={pid}," in line or any(f"pid={c}," in line for c in _group(pid)):
-            local = line.split()[3]
-            addr, _, port = local.rpartition(":")
-            found.append((addr, int(port)))
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] != "0A" or f[9] not in inodes:  # 0A = LISTEN
+                continue
+            addr_hex, port_hex = f[1].split(":")
+            if v6:
+                addr = (
+                    "::1"
+                    if addr_hex.endswith("01000000") and set(addr_hex[:24]) == {"0"}
+                    else addr_hex
+                )
+            else:
+                addr = ".".join(str(int(addr_hex[i : i + 2], 16)) for i in (6, 4, 2, 0))
+            found.append((addr, int(port_hex, 16)))
     return found
 
 
@@ -46,7 +64,7 @@ def test_stack_up_status_down(tmp_path, monkeypatch):
         for name in st.COMPONENTS:
             listen = _listening_ports(s.pids[name])
             assert ("127.0.0.1", ports[name]) in listen, (name, listen)
-            assert all(a == "127.0.0.1" for a, _ in listen), (name, listen)
+            assert all(a in ("127.0.0.1", "::1") for a, _ in listen), (name, listen)
         # stack.env holds the contract's keys, private to the user
         env = st.parse_env_file(state / "stack.env")
         assert set(env) == set(st.ENV_KEYS)
