@@ -91,6 +91,10 @@ def cmd_bench(args) -> int:
 def cmd_generate(args) -> int:
     recipe = _recipe(args)
     _need_dir(args.draft, "--draft")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise BadInput(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    if args.temperature is not None and args.temperature < 0:
+        raise BadInput(f"--temperature {args.temperature}: must be >= 0")
     from eagle3.infer.engine import generate_text
 
     result = generate_text(

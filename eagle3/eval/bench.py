@@ -119,7 +119,7 @@ def _hf_generate(
             do_sample=True,
             temperature=temperature,
             top_p=infer.top_p,
-            top_k=infer.top_k_sampling or None,
+            top_k=infer.top_k_sampling,  # 0 disables it (None would mean HF's default of 50)
         )
     else:
         kw |= dict(do_sample=False, temperature=None, top_p=None, top_k=None)
