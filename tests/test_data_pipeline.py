@@ -65,7 +65,7 @@ def make_recipe(tiny_recipe, source, run_dir, *overrides):
             "sources": [{"name": "chats"}],
             "catalog": {"chats": {"path": str(source)}},
             "max_len": 160,
-            "max_new_tokens": 12,
+            "max_new_tokens": 8,
             "batch_size": 4,
             "shard_size": 4,
             "draft_vocab_size": 256,
@@ -186,8 +186,11 @@ def test_resume_after_interrupt(base, tiny_recipe, tiny_target, source, tmp_path
 
 
 def test_killed_process_resumes(base, tiny_recipe, source, tmp_path):
-    """SIGKILL a real `eagle3 data` process mid-run (after its first shard), then resume."""
-    recipe = make_recipe(tiny_recipe, source, tmp_path / "run")
+    """SIGKILL a real `eagle3 data` process mid-run (after its first shard), then resume.
+
+    One conversation per shard: after the first there are eight more, so the kill lands mid-run.
+    """
+    recipe = make_recipe(tiny_recipe, source, tmp_path / "run", "data.shard_size=1")
     cfg = tmp_path / "recipe.yaml"
     cfg.write_text(json.dumps(recipe.model_dump(mode="json", exclude_none=True)))  # YAML ⊃ JSON
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -201,14 +204,21 @@ def test_killed_process_resumes(base, tiny_recipe, source, tmp_path):
     first = recipe.run_path / "data" / "tokens" / "00000.safetensors"
     deadline = time.monotonic() + 120
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    data_dir = recipe.run_path / "data"
     assert first.exists(), "the child never finished a shard"
-    assert not (recipe.run_path / "data" / "manifest.json").exists()
-    m = run_data(recipe, progress=False)
-    assert m["digest"] == base[1]["digest"]
-    assert not list((recipe.run_path / "data").rglob(".*.tmp"))
+    assert not (data_dir / "manifest.json").exists()
+    done_before = len(list((data_dir / "tokens").glob("*.safetensors")))
+    events = []
+    m = run_data(recipe, progress=False, callback=events.append)
+    resumed = [e["resumed"] for e in events if e["stage"] == "regenerate"]
+    assert resumed == [True] * done_before + [False] * (9 - done_before)
+    assert (
+        m["digest"] == base[1]["digest"]
+    )  # same data as the uninterrupted run: none lost or doubled
+    assert not list(data_dir.rglob(".*.tmp"))
 
 
 def test_digest_changes_when_and_only_when_data_changes(
@@ -230,7 +240,7 @@ def test_digest_changes_when_and_only_when_data_changes(
     assert m1["digest"] == m0["digest"]
     assert m1["shards"] != m0["shards"]  # stored differently, same data
     # Longer answers: other tokens.
-    longer = make_recipe(tiny_recipe, source, tmp_path / "longer", "data.max_new_tokens=14")
+    longer = make_recipe(tiny_recipe, source, tmp_path / "longer", "data.max_new_tokens=9")
     assert run_data(longer, progress=False, target=tiny_target)["digest"] != m0["digest"]
     # Same tokens, another draft vocabulary (reuses the run dir: only the vocab is rebuilt).
     vocab = make_recipe(

@@ -194,3 +194,16 @@ def test_prompt_beyond_max_len_stops_the_conversation(tiny_target, data_cfg):
     assert len(res.conversations[0].messages) == 2  # the first turn survives
     assert res.stats.turns_cut == 1
     assert res.skipped[0].id == "t:only" and res.skipped[0].reason.startswith("too long: prompt of")
+
+
+def test_sampling_follows_the_seed(tiny_target):
+    tok = tiny_target.tokenizer
+    prompt = encode_chat(
+        tok, [{"role": "user", "content": "Pick a word."}], add_generation_prompt=True
+    )
+    a = generate_batch(tiny_target, [prompt, prompt], 12, temperature=1.5, seed=1)
+    b = generate_batch(tiny_target, [prompt, prompt], 12, temperature=1.5, seed=1)
+    c = generate_batch(tiny_target, [prompt, prompt], 12, temperature=1.5, seed=2)
+    assert a == b
+    assert a != c
+    assert a[0] != a[1]  # rows of a batch draw independently

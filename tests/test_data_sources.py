@@ -141,3 +141,24 @@ def test_hf_dataset_from_local_file(tmp_path):
 def test_unknown_source_names_itself():
     with pytest.raises(SourceError, match="'nope' is not in the catalog"):
         load_eval_prompts("nope")
+
+
+def test_hf_dataset_saved_to_disk(tmp_path):
+    import datasets
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(3)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    recipe = build_recipe(
+        {
+            "name": "t",
+            "target": {"kind": "tiny"},
+            "data": {
+                "sources": [
+                    {"name": "disk", "path": str(tmp_path / "ds"), "format": "hf", "limit": 2}
+                ]
+            },
+        }
+    )
+    loaded = load_conversations(recipe)
+    assert [c.id for c in loaded.conversations] == ["disk:0", "disk:1"]
+    assert loaded.conversations[1].messages == [{"role": "user", "content": "q1"}]

@@ -103,7 +103,7 @@ def _fit(dialog: _Dialog, tokenizer, max_len: int, stats: RegenStats) -> list[in
     try:
         ids = encode_chat(tokenizer, msgs, add_generation_prompt=True)
     except TemplateError as e:
-        dialog.reason = str(e)
+        dialog.reason = f"template: {e}"
         return None
     if len(ids) >= max_len:
         dialog.reason = f"too long: prompt of {len(ids)} tokens >= max_len {max_len}"
