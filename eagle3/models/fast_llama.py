@@ -147,7 +147,7 @@ class FastLlama:
         self.eps = cfg.rms_norm_eps
         self.scale = self.head_dim**-0.5
         self.aux_layer_ids = list(aux_layer_ids)
-        self._aux_slot = {i: j for j, i in enumerate(self.aux_layer_ids)}
+        self._aux_at = set(self.aux_layer_ids)  # ids may repeat (small targets: [2, 2, 1])
 
         self.layers = [LayerWeights.from_hf(layer) for layer in model.model.layers]
         self.embed_w = model.get_input_embeddings().weight.detach()
@@ -236,10 +236,10 @@ class FastLlama:
             mask = torch.ones(n, end, dtype=torch.bool, device=self.device).tril_(start)
 
         x = F.embedding(input_ids, self.embed_w)
-        aux: list[torch.Tensor | None] = [None] * len(self.aux_layer_ids)
+        seen: dict[int, torch.Tensor] = {}
         for i, w in enumerate(self.layers):
-            if i in self._aux_slot:
-                aux[self._aux_slot[i]] = x  # HF hidden_states[i]: the input of layer i
+            if i in self._aux_at:
+                seen[i] = x  # HF hidden_states[i]: the input of layer i
             h = self.rms(x, w.ln1)
             q = F.linear(h, w.wq, w.bq).view(n, nh, d)
             k = F.linear(h, w.wk, w.bk).view(n, nkv, d)
@@ -266,7 +266,7 @@ class FastLlama:
             h = self.rms(x, w.ln2)
             x = x + F.linear(F.silu(F.linear(h, w.wg, w.bg)) * F.linear(h, w.wu, w.bu), w.wd, w.bd)
 
-        aux_t = torch.cat(aux, dim=-1)
+        aux_t = torch.cat([seen[i] for i in self.aux_layer_ids], dim=-1)
         if logits_rows is False:
             return None, aux_t
         if logits_rows is not None:
