@@ -42,12 +42,13 @@ def _write_json(path: str | Path, obj) -> None:
 # --- handlers ---------------------------------------------------------------------------------------
 def cmd_data(args) -> int:
     recipe = _recipe(args)
+    from eagle3.data.chat import TemplateError
     from eagle3.data.pipeline import DataLockedError, DiskBudgetError, run_data
     from eagle3.data.sources import SourceError
 
     try:
         manifest = run_data(recipe, progress=True)
-    except (DiskBudgetError, SourceError, DataLockedError) as e:
+    except (DiskBudgetError, SourceError, DataLockedError, TemplateError) as e:
         raise BadInput(str(e)) from None
     s = manifest["samples"]
     print(f"data: {s['written']} samples ({s['train']} train, {s['val']} val), {s['skipped']} "

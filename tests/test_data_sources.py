@@ -162,3 +162,14 @@ def test_hf_dataset_saved_to_disk(tmp_path):
     loaded = load_conversations(recipe)
     assert [c.id for c in loaded.conversations] == ["disk:0", "disk:1"]
     assert loaded.conversations[1].messages == [{"role": "user", "content": "q1"}]
+
+
+def test_broken_record_mid_file_is_an_error_not_a_memory_hog(tmp_path):
+    text = json.dumps(_sharegpt_records(3))
+    broken = text.replace('"c1"', '"c1" oops', 1)  # bad JSON in the middle, complete file after it
+    path = tmp_path / "broken.json"
+    path.write_text(broken)
+    it = iter_json_array(path, chunk=16, max_record=200)  # records are ~150 chars
+    assert next(it)[1]["id"] == "c0"
+    with pytest.raises(SourceError, match="record 1 is not valid JSON"):
+        next(it)

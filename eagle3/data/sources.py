@@ -161,13 +161,17 @@ def _open_text(path: str | Path):
 
 
 def iter_json_array(
-    path: str | Path, info: SourceInfo | None = None, chunk: int = 1 << 20
+    path: str | Path,
+    info: SourceInfo | None = None,
+    chunk: int = 1 << 20,
+    max_record: int = 256 << 20,
 ) -> Iterator[tuple[int, Any]]:
     """Stream the records of a (possibly cut-off) JSON array, one `raw_decode` at a time.
 
     Only one chunk plus the record being decoded is held in memory, so a 600 MB file is never
     parsed whole. A tail that does not decode at end of file is a cut-off record: it is ignored
-    and `info.truncated` is set.
+    and `info.truncated` is set. A record that still does not decode with `max_record` characters
+    read is broken JSON mid-file: SourceError (rather than reading the rest of the file into memory).
     """
     dec = json.JSONDecoder()
     with _open_text(path) as f:
@@ -199,7 +203,12 @@ def iter_json_array(
                 return
             try:
                 rec, end = dec.raw_decode(buf, pos)
-            except json.JSONDecodeError:
+            except json.JSONDecodeError as e:
+                if len(buf) - pos > max_record:  # not a record still being read: broken JSON
+                    raise SourceError(
+                        f"{path}: record {index} is not valid JSON ({e.msg} at "
+                        f"char {e.pos - pos} of the record)"
+                    ) from None
                 if fill():
                     continue
                 if info is not None:
