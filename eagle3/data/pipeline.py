@@ -152,6 +152,14 @@ def target_facts(recipe, holder: _Target) -> tuple[int, list[int]]:
     return vocab, list(recipe.target.aux_layers or default_aux_layer_ids(layers))
 
 
+def target_hidden_size(recipe, holder: _Target) -> int:
+    if holder.loaded:
+        return holder.model().hidden_size
+    if recipe.target.kind == "tiny":
+        return recipe.target.tiny.hidden_size
+    return _target_config(recipe).hidden_size
+
+
 # --- split ----------------------------------------------------------------------------------------------
 def split_val_ids(sample_ids: list[str], fraction: float) -> set[str]:
     """Validation ids: those whose sha256 falls below `fraction` (stable as data grows); at least
@@ -209,15 +217,18 @@ def _read_regen(path: Path, key: str) -> RegenResult | None:
         obj = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if obj.get("key") != key:
+    if not isinstance(obj, dict) or obj.get("key") != key:
         return None
-    return RegenResult(
-        conversations=[
-            Conversation(c["id"], c["messages"], c["source"]) for c in obj["conversations"]
-        ],
-        skipped=[Skip(s["id"], s["reason"]) for s in obj["skipped"]],
-        stats=RegenStats(**obj["stats"]),
-    )
+    try:
+        return RegenResult(
+            conversations=[
+                Conversation(c["id"], c["messages"], c["source"]) for c in obj["conversations"]
+            ],
+            skipped=[Skip(s["id"], s["reason"]) for s in obj["skipped"]],
+            stats=RegenStats(**obj["stats"]),
+        )
+    except (KeyError, TypeError):  # not our layout: regenerate
+        return None
 
 
 def tokenize_conversations(
@@ -286,10 +297,6 @@ def _run_shard(
 
 
 # --- features --------------------------------------------------------------------------------------------
-def estimate_feature_bytes(tokens: int, recipe, hidden: int) -> int:
-    return tokens * bytes_per_token(hidden, recipe.data.feature_dtype)
-
-
 def check_disk(tokens: int, recipe, hidden: int, data_dir: Path) -> dict[str, Any]:
     """Say the disk need before writing; refuse above data.max_disk_gb (GB = 1e9 bytes)."""
     import shutil
@@ -297,7 +304,9 @@ def check_disk(tokens: int, recipe, hidden: int, data_dir: Path) -> dict[str, An
     d = recipe.data
     per = bytes_per_token(hidden, d.feature_dtype)
     need = tokens * per
-    free = shutil.disk_usage(data_dir).free
+    # Feature files already written (a resumed run) count as available: they get rewritten at most.
+    have = sum(p.stat().st_size for p in (data_dir / "features").glob("*.safetensors"))
+    free = shutil.disk_usage(data_dir).free + have
     msg = (
         f"feature shards need about {need / 1e9:.3f} GB ({tokens:,} tokens x {per:,} bytes/token "
         f"at {d.feature_dtype}, target hidden {hidden}); data.max_disk_gb is {d.max_disk_gb:g}, "
@@ -460,6 +469,14 @@ def run_data(
             loaded.conversations[i : i + d.shard_size]
             for i in range(0, len(loaded.conversations), d.shard_size)
         ]
+        if d.features and progress:  # an early word, before hours of regeneration
+            per = bytes_per_token(target_hidden_size(recipe, holder), d.feature_dtype)
+            bound = len(loaded.conversations) * d.max_len * per
+            print(
+                f"features: at most {bound / 1e9:.3f} GB ({len(loaded.conversations):,} "
+                f"conversations x max_len {d.max_len} x {per:,} bytes/token); "
+                f"data.max_disk_gb is {d.max_disk_gb:g}; checked exactly before writing"
+            )
         stats = RegenStats()
         bar = _Progress(len(loaded.conversations), progress)
         try:
