@@ -73,7 +73,10 @@ def _summary(console, st, recipe, out: dict, inference: dict | None) -> None:
     t.add_row("gate", verdict)
     for r in d.get("reasons", []):
         t.add_row("", f"- {r}")
-    t.add_row("promoted to S3", out.get("s3_uri") or "no")
+    shipped = out.get("s3_uri") or (
+        f"no: {out['promotion_skipped']}" if out.get("promotion_skipped") else "no"
+    )
+    t.add_row("promoted to S3", shipped)
     if inference:
         t.add_row(
             "inference",

@@ -59,6 +59,7 @@ def pipeline_flow(
             )
         t.set_tags(parent, {"eagle3.promoted": str(bool(promoted.get("promoted"))).lower()})
     return {
+        "promotion_skipped": promoted.get("skipped"),
         "recipe": r.name,
         "model": registered_model_name(r),
         "version": ev["version"],
@@ -87,6 +88,8 @@ def print_summary(out: dict) -> None:
     )
     print(f"  gate: {'PROMOTE' if d['promote'] else 'REJECT'}: " + "; ".join(d["reasons"]))
     print(f"  promoted: {out['promoted']}" + (f" -> {out['s3_uri']}" if out.get("s3_uri") else ""))
+    if out.get("promotion_skipped"):
+        print(f"  promotion skipped: {out['promotion_skipped']}")
     for k in ("mlflow_run_url", "mlflow_model_url", "prefect_flow_run_url"):
         if out.get(k):
             print(f"  {k.replace('_', ' ')}: {out[k]}")

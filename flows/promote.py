@@ -189,9 +189,16 @@ def promote_flow(
             try:
                 storage.settings_from_recipe(r.storage)
             except storage.StorageError as e:
-                print(f"not promoted: {e}")
-                decision = {**decision, "promote": False, "reasons": decision["reasons"] + [str(e)]}
-                return {"promoted": False, "model": model, "version": version, "decision": decision}
+                # The gate passed, but there is nowhere to ship it: say so, move nothing.
+                print(f"not promoted (the gate passed): {e}")
+                t.set_tags(run_id, {"eagle3.promotion_skipped": str(e)[:4000]})
+                return {
+                    "promoted": False,
+                    "model": model,
+                    "version": version,
+                    "decision": decision,
+                    "skipped": str(e),
+                }
             out = execute_promotion(r, model, version, draft, decision, parent_run_id or run_id)
     print(f"promoted {model} v{version} -> {out['uri']} (champion.json, alias champion)")
     return {"promoted": True, "model": model, "version": version, "decision": decision, **out}

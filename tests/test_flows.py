@@ -234,7 +234,9 @@ def test_promote_gate_history_and_rollback(recipe, tiny_drafts, s3_env):
     from eagle3.cli import main
 
     cfg = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
-    assert main(["promote", "--config", cfg, f"tracking.registered_model={model}", "--rollback"]) == 0
+    assert (
+        main(["promote", "--config", cfg, f"tracking.registered_model={model}", "--rollback"]) == 0
+    )
     assert storage.read_champion(s3_env, model)["version"] == v1 and champion_alias(recipe) == v1
     # nothing older is left to roll back to: a clear failure, and v1 stays
     state = promote_flow(recipe, rollback=True, return_state=True)
@@ -296,6 +298,17 @@ def test_wrong_credentials_fail_fast_naming_the_endpoint(recipe, tiny_drafts, s3
     assert s3_env.endpoint_url in str(e.value) and "wrong-secret-value" not in str(e.value)
     (upload,) = task_runs(state)["upload-to-s3"]
     assert upload.run_count == 1  # bad keys are not retried
+    assert champion_alias(recipe) is None
+
+
+def test_without_s3_the_gate_runs_but_nothing_moves(recipe, tiny_drafts, monkeypatch):
+    from flows.promote import promote_flow
+
+    v1 = register_candidate(recipe, tiny_drafts[0], make_report(1.8, 1.3))
+    monkeypatch.delenv("EAGLE3_S3_BUCKET")
+    out = promote_flow(recipe, version=v1)
+    assert not out["promoted"] and out["decision"]["promote"]
+    assert "no S3 bucket configured" in out["skipped"]
     assert champion_alias(recipe) is None
 
 

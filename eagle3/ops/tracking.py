@@ -132,7 +132,7 @@ class Tracker:
         for k, v in params.items():
             if isinstance(v, (list, dict)):
                 v = json.dumps(v, sort_keys=True)
-            text = "" if v is None else str(v)
+            text = redact("" if v is None else str(v))
             items.append(Param(k, text[:_PARAM_MAX]))
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
@@ -254,6 +254,11 @@ class Tracker:
             return None
         base = f"{self.uri.rstrip('/')}/#/models/{name}"
         return f"{base}/versions/{version}" if version else base
+
+
+def redact(text: str) -> str:
+    """Hide credentials embedded in URIs (scheme://user:secret@host -> scheme://***@host)."""
+    return re.sub(r"(://)[^/@\s]+@", r"\1***@", text)
 
 
 def _metric_key(k: str) -> str:
