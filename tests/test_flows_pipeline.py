@@ -110,6 +110,18 @@ def test_pipeline_end_to_end_on_tiny(tmp_path, s3_env, sqlite_mlflow, prefect_ha
         )
     assert found and "## Gate: PROMOTE" in found[0].data and "alpha_0" in found[0].data
     assert tables and "mt_bench" in str(tables[0].data)
+    # runs carry the target's tag; GPU-bound tasks share the `gpu` concurrency limit
+    with get_client(sync_client=True) as c:
+        run = c.read_flow_run(parent.data.tags["prefect.flow_run_id"])
+        assert "target:tiny-llama" in run.tags
+        assert c.read_concurrency_limit_by_tag("gpu").concurrency_limit == 1
+        from prefect.client.schemas.filters import FlowRunFilter
+
+        subruns = c.read_task_runs(
+            flow_run_filter=FlowRunFilter(tags={"all_": ["target:tiny-llama"]})
+        )
+    gpu_tasks = {r.name.rsplit("-", 1)[0] for r in subruns if "gpu" in r.tags}
+    assert {"generate-data", "train-draft", "benchmark"} <= gpu_tasks
 
     # on-demand inference: prompts from an S3 JSONL, the champion from S3, outputs next to the input
     prompts_uri = f"s3://{s3_env.bucket}/jobs/prompts.jsonl"
