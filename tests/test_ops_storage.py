@@ -63,6 +63,9 @@ def test_upload_verify_and_pointer_history(s3_env, draft_dir, tmp_path):
     ptr = storage.read_champion(s, "eagle3-m")
     assert ptr["version"] == "2" and ptr["manifest_sha256"] == up2["manifest_sha256"]
 
+    # writing the same pointer again (a retried task) changes nothing and still knows v1
+    again, before = storage.write_champion(s, "eagle3-m", "2", up2)
+    assert again == ptr and before["version"] == "1" and before["history"] == []
     back, cur = storage.rollback_champion(s, "eagle3-m")
     assert cur["version"] == "2" and back["version"] == "1" and back["rolled_back_from"] == "2"
     assert storage.read_champion(s, "eagle3-m")["version"] == "1"

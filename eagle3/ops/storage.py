@@ -426,6 +426,16 @@ def write_champion(
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Point champion.json at `version`; the old pointer goes onto `history`. Returns (new, old)."""
     old = read_champion(s, model)
+    if (
+        old
+        and str(old.get("version")) == str(version)
+        and old.get("manifest_sha256") == uploaded["manifest_sha256"]
+    ):
+        # A retry after a write that went through (e.g. the read-back failed): idempotent, and
+        # "old" is still the champion before it, so that a restore puts that one back.
+        hist = list(old.get("history", []))
+        prev = {**hist[-1], "history": hist[:-1]} if hist else None
+        return old, prev
     history = list(old.get("history", [])) if old else []
     if old:
         history.append({k: v for k, v in old.items() if k != "history"})
