@@ -23,6 +23,16 @@ _DELAY = float(os.environ.get("EAGLE3_RETRY_DELAY", "1"))
 RETRY_DELAYS = [1 * _DELAY, 2 * _DELAY, 4 * _DELAY]
 
 
+def show_progress() -> bool:
+    """Progress bars when a person watches (a terminal), not in workers, CI or tests."""
+    flag = os.environ.get("EAGLE3_PROGRESS")
+    if flag is not None:
+        return flag.lower() in ("1", "true", "yes")
+    import sys
+
+    return sys.stderr.isatty()
+
+
 def resolve_recipe(recipe: Any, overrides: list[str] | None = None, profile: str | None = None):
     """A Recipe from a Recipe, a dict (its model_dump), or a path to a YAML recipe."""
     from eagle3.config import Recipe, build_recipe, load_recipe

@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from flows.common import RETRY_DELAYS, mlflow_run, resolve_recipe
+from flows.common import RETRY_DELAYS, mlflow_run, resolve_recipe, show_progress
 
 
 def data_key(recipe) -> str:
@@ -35,7 +35,7 @@ def data_key(recipe) -> str:
 def data_task(recipe, key: str) -> dict:
     from eagle3.data.pipeline import run_data
 
-    manifest = run_data(recipe, progress=False)
+    manifest = run_data(recipe, progress=show_progress())
     return json.loads(json.dumps(manifest, default=str))
 
 

@@ -15,14 +15,21 @@ from typing import Any
 
 from prefect import flow, task
 
-from flows.common import RETRY_DELAYS, mlflow_run, resolve_recipe, tracker, write_json
+from flows.common import (
+    RETRY_DELAYS,
+    mlflow_run,
+    resolve_recipe,
+    show_progress,
+    tracker,
+    write_json,
+)
 
 
 @task(name="benchmark", tags=["gpu"])
 def bench_task(recipe, draft_dir: str, datasets: list[str] | None = None, limit: int | None = None):
     from eagle3.eval.bench import run_bench
 
-    report = run_bench(recipe, draft_dir, datasets=datasets, limit=limit, progress=False)
+    report = run_bench(recipe, draft_dir, datasets=datasets, limit=limit, progress=show_progress())
     return json.loads(json.dumps(report, default=str))
 
 
@@ -108,7 +115,7 @@ def champion_task(recipe, eval_set: str, exclude_version: str | None) -> dict | 
         d = fetch_draft(recipe, name, str(mv.version), Path(tmp) / "draft")
         from eagle3.eval.bench import run_bench
 
-        report = run_bench(recipe, str(d), progress=False)
+        report = run_bench(recipe, str(d), progress=show_progress())
     out = gate_metrics(report_metrics(report), baseline, eval_set)
     out["version"] = str(mv.version)
     out["source"] = "re-benchmarked on this eval set"

@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from flows.common import RETRY_DELAYS, mlflow_run, resolve_recipe, tracker
+from flows.common import RETRY_DELAYS, mlflow_run, resolve_recipe, show_progress, tracker
 
 
 def train_key(recipe, data_digest: str | None) -> str:
@@ -59,7 +59,7 @@ def train_task(recipe, key: str, mlflow_run_id: str | None = None) -> dict:
                 warned.append(e)
                 print(f"warning: MLflow metric logging failed ({e}); training goes on")
 
-    summary = run_training(recipe, progress=False, callback=callback)
+    summary = run_training(recipe, progress=show_progress(), callback=callback)
     out = json.loads(json.dumps(summary, default=str))
     out["history"] = history
     return out
