@@ -54,6 +54,10 @@ def acceptance_by_depth(report: dict[str, Any]):
     for ds, r in (report.get("datasets") or {}).items():
         alpha = r.get("alpha") or []
         ax.plot(range(1, len(alpha) + 1), alpha, "o-", label=f"{ds} (tau {r.get('tau', 0):.2f})")
+    depth = max(
+        (len(r.get("alpha") or []) for r in (report.get("datasets") or {}).values()), default=0
+    )
+    ax.set_xticks(range(1, depth + 1))
     ax.set_xlabel("draft depth")
     ax.set_ylabel("acceptance rate alpha")
     ax.set_ylim(0, 1.05)
