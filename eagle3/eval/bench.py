@@ -142,13 +142,21 @@ def run_bench(
     on_prompt: Callable[[dict], None] | None = None,
 ) -> dict:
     """Benchmark a draft head on the recipe's eval sets; returns the §4 report (plus `autotune`)."""
+    threads = torch.get_num_threads()
+    if recipe.eval.threads:
+        torch.set_num_threads(recipe.eval.threads)
+    try:
+        return _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt)
+    finally:
+        torch.set_num_threads(threads)  # the caller's process keeps its own setting
+
+
+def _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt) -> dict:
     from eagle3.data.sources import load_eval_prompts
     from eagle3.env import describe_device
     from eagle3.infer.engine import encode_prompt, load_engine
 
     ev = recipe.eval
-    if ev.threads:
-        torch.set_num_threads(ev.threads)
     datasets = list(datasets or ev.datasets)
     if not datasets:
         raise ValueError("eval.datasets: no data set to benchmark")
