@@ -24,6 +24,7 @@ forward: `eagle3.infer.fast_runner.FastRunner(target, capacity=...)`, same proto
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -174,6 +175,10 @@ class HFRunner:
         # The most negative finite value: -inf would give NaN on a fully masked row.
         self._neg = torch.finfo(target.dtype).min
         self._last_n = 0
+        # transformers 5.24 names the cache `cache=`; older 5.x (e.g. 5.17 on the GPU boxes) and
+        # 4.x call it `past_key_values=` and would silently ignore `cache=`.
+        params = inspect.signature(target.model.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     @property
     def cache_len(self) -> int:
@@ -189,7 +194,7 @@ class HFRunner:
                 input_ids=ids[None],
                 position_ids=position_ids[None],
                 attention_mask=mask4d,
-                cache=self.cache,
+                **{self._cache_kw: self.cache},
                 use_cache=True,
             )
         return out.last_hidden_state[0], t.stack_aux(store)[0]
