@@ -5,9 +5,10 @@ arbitrary boolean attention mask over (cached prefix + new rows), so that one ca
 draft TREE. It computes what the HF model computes (same RoPE tables, same RMSNorm, same op order
 in the residual stream); `tests/test_fast_llama.py` checks logits and aux features against HF.
 
-Why not HF itself: at batch 1 on a CPU, HF eager spends ~40% of a decode step in Python and small
-ops (mask construction, cache objects, hooks, per-layer kwargs plumbing). Here a forward is
-~12 torch calls per layer and nothing else.
+Why not HF itself: at batch 1 on a CPU, an HF eager decode step of SmolLM2-135M was measured at
+~100 ms against ~59 ms for its matmuls alone; the rest is Python and small ops (mask construction,
+cache objects, output capture, per-layer kwargs plumbing). Here a layer is ~25 tensor calls and no
+Python objects besides the weights. In bf16 the prefill logits are bit-identical to HF's.
 
 Weights are the HF model's own tensors (no copy): fusing QKV and gate/up was measured here and did
 not make the matmuls faster on this CPU (2 threads, MKL), so we keep zero extra memory.
