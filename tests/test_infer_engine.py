@@ -81,6 +81,21 @@ def test_greedy_chain_and_ar_equal_hf_generate(tiny_target, tiny_recipe, tiny_tr
         assert engine.generate_ar(ids, max_new_tokens=MAX_NEW).tokens == ref
 
 
+def test_fast_backend_is_lossless_too(tiny_target, tiny_recipe, tiny_trained_head):
+    """The engine takes any Runner: `infer.backend: fast` gives the same greedy output."""
+    engine = SpecEngine(tiny_target, tiny_trained_head, _cfg(tiny_recipe, backend="fast"))
+    assert type(engine.runner).__name__ == "FastRunner"
+    taus = []
+    for ids in (
+        infer_support.random_prompts(n_seq=2).tolist()
+        + infer_support.random_prompts(n_seq=1, seed=7).tolist()
+    ):
+        res = engine.generate(ids, max_new_tokens=MAX_NEW)
+        assert res.tokens == _hf_greedy(tiny_target, ids, MAX_NEW)
+        taus.append(res.tau)
+    assert min(taus[:2]) > 2.5, taus  # seen prompts: long paths were accepted and compacted
+
+
 def test_greedy_random_head_equals_hf_generate(tiny_target, tiny_recipe, random_head):
     """A bad draft may only make it slower, never different."""
     engine = SpecEngine(

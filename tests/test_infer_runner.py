@@ -79,11 +79,14 @@ def test_tree_verify_equals_each_path_forward(tiny_target):
         torch.testing.assert_close(aux[j], ref_aux[-1], atol=TOL, rtol=0)
 
 
-def test_compaction_equals_plain_prefill_after_many_cycles(tiny_target):
-    """After N verify+keep cycles on random trees, the KV cache equals a fresh prefill's."""
+@pytest.mark.parametrize("backend", ["hf", "fast"])
+def test_compaction_equals_plain_prefill_after_many_cycles(tiny_target, backend):
+    """After N verify+keep cycles on random trees, the KV cache equals a fresh prefill's.
+
+    Every backend honours the same protocol, so the fast runner is held to it here too."""
     gen = torch.Generator().manual_seed(3)
     seq = torch.randint(0, 4000, (7,), generator=gen).tolist()
-    run = HFRunner(tiny_target, capacity=16)
+    run = make_runner(tiny_target, backend, capacity=16)
     run.prefill(torch.tensor(seq))
     for cycle in range(6):
         n = int(torch.randint(1, 9, (1,), generator=gen))
@@ -96,7 +99,7 @@ def test_compaction_equals_plain_prefill_after_many_cycles(tiny_target):
         run.keep(rows)
         seq += tokens[rows].tolist()
         assert run.cache_len == len(seq)
-    fresh = HFRunner(tiny_target)
+    fresh = HFRunner(tiny_target)  # the reference is always the HF forward
     fresh.prefill(torch.tensor(seq))
     for layer in range(tiny_target.num_layers):
         for got, want in zip(run.layer_kv(layer), fresh.layer_kv(layer), strict=True):
