@@ -176,10 +176,11 @@ def _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt) -> dict:
     if recipe.infer.autotune and "tree" not in (engine.draft.config.eagle3 or {}):
         from eagle3.infer.autotune import autotune, save_tuned
 
-        calib = [
-            encode_prompt(tok, [{"role": "user", "content": p.turns[0]}])
-            for p in sets[datasets[0]][:2]
-        ]
+        # Calibrate on the two prompts after the benchmarked ones, so tuning never sees them.
+        n = len(sets[datasets[0]])
+        pool = load_eval_prompts(datasets[0], n + 2, recipe)
+        pool = pool[n:] if len(pool) > n else pool[:2]
+        calib = [encode_prompt(tok, [{"role": "user", "content": p.turns[0]}]) for p in pool]
         autotuned = autotune(engine, calib, max_new_tokens=min(64, ev.max_new_tokens), progress=say)
         engine.cfg = engine.cfg.model_copy(update=autotuned["best"])
         save_tuned(
