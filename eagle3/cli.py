@@ -63,10 +63,17 @@ def cmd_data(args) -> int:
 
 def cmd_train(args) -> int:
     recipe = _recipe(args)
-    from eagle3.train.trainer import run_training
+    from eagle3.train.trainer import DataMissing, run_training
 
-    summary = run_training(recipe, progress=True)
+    try:
+        summary = run_training(recipe, progress=True)
+    except DataMissing as e:
+        raise BadInput(str(e)) from None
+    best = summary.get("best") or {}
+    if best.get("metric"):
+        print(f"best {best['metric']} = {best['value']:.4f} at step {best['step']} of {summary['steps']}")
     print(f"draft checkpoint: {summary['draft_dir']}")
+    print(f"metrics: {summary['train_metrics']}")
     return EXIT_OK
 
 

@@ -46,13 +46,17 @@ STAT_METRICS = ("loss", "acc", "accept")
 Callback = Callable[[int, dict[str, float]], None]
 
 
+class DataMissing(FileNotFoundError):
+    """The data stage has not run (or not finished) for this run dir."""
+
+
 # --- entry point ---------------------------------------------------------------------------------
 def run_training(recipe: Recipe, progress: bool = True, callback: Callback | None = None) -> dict:
     """Train on the data stage's output in `<run_dir>/data` (see train() for the summary)."""
     data_dir = recipe.run_path / "data"
     manifest_path = data_dir / "manifest.json"
     if not manifest_path.is_file():
-        raise FileNotFoundError(
+        raise DataMissing(
             f"{manifest_path} does not exist: run `eagle3 data --config <recipe>` first"
         )
     manifest = json.loads(manifest_path.read_text())
