@@ -212,3 +212,33 @@ def test_sampling_matches_the_target_distribution(small_vocab, tiny_recipe, T, t
     p_x3 = (p12[..., None] * p3).sum((0, 1))
     assert _chi2(joint12.flatten(), p12.flatten()) > 1e-3
     assert _chi2(third, p_x3) > 1e-3
+
+
+def test_both_caches_hold_exactly_the_accepted_sequence(
+    tiny_target, tiny_recipe, tiny_trained_head
+):
+    """After a generation, the target KV and the draft KV equal fresh prefills of the final text."""
+    from eagle3.infer.runner import HFRunner
+    from eagle3.infer.tree import Drafter
+
+    engine = SpecEngine(tiny_target, tiny_trained_head, tiny_recipe.infer)
+    ids = infer_support.random_prompts(n_seq=1).tolist()[0]
+    res = engine.generate(ids, max_new_tokens=30)
+    assert max(res.accept_lengths) > 2  # several multi-token cycles were compacted
+    seq = ids + res.tokens
+    # Target: every committed row (the last emitted token is not in the cache yet).
+    n = engine.runner.cache_len
+    assert seq[:n] == (ids + res.tokens)[:n] and n >= len(seq) - max(res.accept_lengths)
+    fresh = HFRunner(tiny_target)
+    fresh.prefill(torch.tensor(seq[:n]))
+    for layer in range(tiny_target.num_layers):
+        for got, want in zip(engine.runner.layer_kv(layer), fresh.layer_kv(layer), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    # Draft: rows 0..L-1 pair aux(t) with token t + 1, exactly as one extend over the whole text.
+    m = engine.drafter.cache.length
+    aux = tiny_target.features(torch.tensor([seq])).aux[0]
+    ref = Drafter(tiny_trained_head, tiny_target.embed)
+    ref.extend(aux[:m], torch.tensor(seq[1 : m + 1]), 0)
+    torch.testing.assert_close(
+        engine.drafter.cache.kv[..., :m, :], ref.cache.kv[..., :m, :], atol=1e-4, rtol=0
+    )
