@@ -86,3 +86,21 @@ def tiny_trained_head(tiny_target):
         return infer_support.train_tiny_head(tiny_target)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def mlflow_sqlite(tmp_path_factory):
+    """One MLflow sqlite store for the session (creating one costs ~10 s of migrations), with
+    EAGLE3_HOME beside it and no developer stack picked up. Tests use unique model names."""
+    d = tmp_path_factory.mktemp("mlflow")
+    keys = ("MLFLOW_TRACKING_URI", "EAGLE3_HOME", "EAGLE3_STACK_DIR")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{d}/mlflow.db"
+    os.environ["EAGLE3_HOME"] = str(d)
+    os.environ["EAGLE3_STACK_DIR"] = str(d / "no-stack")
+    yield d
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -123,22 +123,6 @@ class FaultProxy:
 
 
 @pytest.fixture(scope="module")
-def mlflow_home(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mlflow")
-    keys = ("MLFLOW_TRACKING_URI", "EAGLE3_HOME", "EAGLE3_STACK_DIR")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{d}/mlflow.db"
-    os.environ["EAGLE3_HOME"] = str(d)
-    os.environ["EAGLE3_STACK_DIR"] = str(d / "no-stack")  # never pick up a developer's stack
-    yield d
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
 def tiny_drafts(tmp_path_factory):
     """Three differently seeded, valid §3 checkpoints (the engine never loads them here)."""
     from test_ops_storage import make_draft
@@ -148,7 +132,7 @@ def tiny_drafts(tmp_path_factory):
 
 
 @pytest.fixture()
-def recipe(tiny_recipe, tmp_path, s3_env, mlflow_home, prefect_harness):
+def recipe(tiny_recipe, tmp_path, s3_env, mlflow_sqlite, prefect_harness):
     from eagle3.config import build_recipe
 
     tree = tiny_recipe.model_dump(mode="json")

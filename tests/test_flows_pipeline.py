@@ -29,23 +29,7 @@ SMALL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def sqlite_mlflow(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mlflow-e2e")
-    keys = ("MLFLOW_TRACKING_URI", "EAGLE3_HOME", "EAGLE3_STACK_DIR")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{d}/mlflow.db"
-    os.environ["EAGLE3_HOME"] = str(d)
-    os.environ["EAGLE3_STACK_DIR"] = str(d / "no-stack")
-    yield d
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def test_pipeline_end_to_end_on_tiny(tmp_path, s3_env, sqlite_mlflow, prefect_harness):
+def test_pipeline_end_to_end_on_tiny(tmp_path, s3_env, mlflow_sqlite, prefect_harness):
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter
 

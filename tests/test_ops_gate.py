@@ -115,15 +115,14 @@ def test_tracking_uri_rules(monkeypatch, tmp_path):
             tracking_uri(TrackingConfig(uri=bad))
 
 
-def test_tracker_logs_runs_dataset_and_registry(tmp_path, monkeypatch):
+def test_tracker_logs_runs_dataset_and_registry(tmp_path, mlflow_sqlite):
     import json
+    import uuid
 
     from eagle3.config import TrackingConfig
     from eagle3.ops.tracking import Tracker
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("EAGLE3_HOME", str(tmp_path))
-    t = Tracker(TrackingConfig(experiment="exp"))
+    t = Tracker(TrackingConfig(experiment=f"exp-{uuid.uuid4().hex[:8]}"))
     parent = t.start_run("pipeline")
     child = t.start_run("train", parent_id=parent, tags={"eagle3.target": "tiny"})
     t.log_params(child, {"a.b": 1, "c": [1, 2], "long": "x" * 2000})
@@ -141,11 +140,12 @@ def test_tracker_logs_runs_dataset_and_registry(tmp_path, monkeypatch):
     d.mkdir()
     (d / "config.json").write_text("{}")
     t.log_artifact(parent, d, "draft")
-    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
-    v = t.register("eagle3-x", parent, "draft", {"tau": 2.0})
-    assert v == "1" and str(t.alias_version("eagle3-x", "candidate").version) == "1"
-    assert t.alias_version("eagle3-x", "champion") is None
-    t.set_alias("eagle3-x", "champion", v)
-    assert t.alias_version("eagle3-x", "champion").tags["tau"] == "2.0"
-    out = t.download_version("eagle3-x", v, tmp_path / "dl")
+    assert run.info.artifact_uri.startswith((mlflow_sqlite / "mlartifacts").as_uri())
+    name = f"eagle3-x-{uuid.uuid4().hex[:8]}"
+    v = t.register(name, parent, "draft", {"tau": 2.0})
+    assert v == "1" and str(t.alias_version(name, "candidate").version) == "1"
+    assert t.alias_version(name, "champion") is None
+    t.set_alias(name, "champion", v)
+    assert t.alias_version(name, "champion").tags["tau"] == "2.0"
+    out = t.download_version(name, v, tmp_path / "dl")
     assert (out / "config.json").read_text() == "{}"
