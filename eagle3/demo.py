@@ -64,7 +64,7 @@ def _summary(console, st, recipe, out: dict, inference: dict | None) -> None:
     d = out["decision"]
     t = Table(title=f"eagle3 demo: {out['model']} v{out['version']}", show_lines=False)
     t.add_column("what", style="bold")
-    t.add_column("value")
+    t.add_column("value", overflow="fold")
     t.add_row("tau (tokens per target forward)", f"{m.get('tau', float('nan')):.3f}")
     for k in sorted(k for k in m if k.startswith("speedup_")):
         t.add_row(k.replace("_", " "), f"{m[k]:.2f}x")
@@ -87,8 +87,8 @@ def _summary(console, st, recipe, out: dict, inference: dict | None) -> None:
         t.add_row("outputs", inference.get("output_uri") or "-")
     console.print(t)
     urls = Table(title="where to look", show_header=False)
-    urls.add_column("")
-    urls.add_column("")
+    urls.add_column("", no_wrap=True)
+    urls.add_column("", overflow="fold")
     urls.add_row("Prefect UI", st.prefect_url + "/runs")
     if out.get("prefect_flow_run_url"):
         urls.add_row("  this pipeline run", out["prefect_flow_run_url"])
@@ -98,7 +98,7 @@ def _summary(console, st, recipe, out: dict, inference: dict | None) -> None:
     if out.get("mlflow_model_url"):
         urls.add_row("  registered model", out["mlflow_model_url"])
     bucket = os.environ.get("EAGLE3_S3_BUCKET", st.bucket)
-    urls.add_row("S3 endpoint", f"{st.s3_url} (bucket {bucket}; keys in .eagle3/stack/stack.env)")
+    urls.add_row("S3 endpoint", f"{st.s3_url} (bucket {bucket}; keys in {st.env_path})")
     if out.get("s3_uri"):
         urls.add_row("  champion checkpoint", out["s3_uri"])
     from eagle3.ops.storage import StorageError, settings_from_recipe
