@@ -129,15 +129,17 @@ def ttt_attend(
 
 
 def step_stats(
-    draft_logits: torch.Tensor, target: TargetDist, valid: torch.Tensor, step: int
+    draft_logits: torch.Tensor,
+    target: TargetDist,
+    rows: tuple[torch.Tensor, torch.Tensor],
+    step: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed soft cross-entropy over counted rows (with grad) and detached stats [4]
-    (count, loss sum, top-1 agreements, expected acceptance sum). Row t of `step` is compared
-    with the target's distribution at position t+1+step."""
-    b, t = valid.nonzero(as_tuple=True)
-    logits = draft_logits[b, t].float()  # [N, Vd]: only counted rows pay for the softmax
+    """Summed soft cross-entropy over the counted rows (with grad) and detached stats [4]
+    (count, loss sum, top-1 agreements, expected acceptance sum). draft_logits [N, Vd] are those
+    of the counted rows (b, t); row t of `step` meets the target's distribution at t+1+step."""
+    b, t = rows
     tlogp = target.logp[b, t + step + 1]
-    logq = torch.log_softmax(logits, dim=-1)
+    logq = torch.log_softmax(draft_logits.float(), dim=-1)
     ce = -(tlogp.exp() * logq).sum(-1)
     loss_sum = ce.sum()
     with torch.no_grad():
@@ -188,7 +190,7 @@ class TTT(nn.Module):
             if self.checkpointing:
                 from torch.utils.checkpoint import checkpoint
 
-                h, k, v, logits = checkpoint(
+                h, k, v = checkpoint(
                     self._layer,
                     e,
                     hidden,
@@ -201,30 +203,30 @@ class TTT(nn.Module):
                     use_reentrant=False,
                 )
             else:
-                h, k, v, logits = self._layer(e, hidden, pos, k0, v0, diag_k, diag_v, allow)
+                h, k, v = self._layer(e, hidden, pos, k0, v0, diag_k, diag_v, allow)
             if i == 0:
                 k0, v0 = k, v
             else:
                 diag_k.append(k)
                 diag_v.append(v)
-            valid = valid_rows(segment, loss_mask, target.in_vocab, i)
-            loss_sum, st = step_stats(logits, target, valid, i)
+            # The lm_head (the draft's largest matmul) runs only on the rows that count.
+            rows = valid_rows(segment, loss_mask, target.in_vocab, i).nonzero(as_tuple=True)
+            loss_sum, st = step_stats(draft.logits(h[rows]), target, rows, i)
             total = total + self.step_weight**i * loss_sum / st[0].clamp(min=1)
             stats.append(st)
             hidden = h
         return total, torch.stack(stats)
 
     def _layer(self, e, hidden, pos, k0, v0, diag_k, diag_v, allow):
-        """One draft step: (pre-norm output, this step's k, v, draft logits). Step 0 when k0 is None;
-        later steps append their k/v as the newest diagonal column."""
+        """One draft step: (pre-norm output, this step's k, v). Step 0 when k0 is None; later
+        steps append their k/v as the newest diagonal column."""
         draft = self.draft
         q, k, v = draft.qkv(e, hidden, pos)
         if k0 is None:
             out = ttt_attend(q, k, v, [], [], allow)
         else:
             out = ttt_attend(q, k0, v0, [*diag_k, k], [*diag_v, v], allow)
-        h = draft.finish(out, hidden)
-        return h, k, v, draft.logits(h)
+        return draft.finish(out, hidden), k, v
 
 
 def summarize(stats: torch.Tensor, prefix: str, step_weight: float = 0.8) -> dict[str, float]:
