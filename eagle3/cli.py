@@ -69,6 +69,10 @@ def cmd_train(args) -> int:
         summary = run_training(recipe, progress=True)
     except DataMissing as e:
         raise BadInput(str(e)) from None
+    import os
+
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks
+        return EXIT_OK
     best = summary.get("best") or {}
     if best.get("metric"):
         print(f"best {best['metric']} = {best['value']:.4f} at step {best['step']} of {summary['steps']}")
