@@ -10,6 +10,10 @@ shared machine; the table shows the minimum of `--reps` (interference on a share
 - fast:      FastRunner.verify (eagle3/models/fast_llama.py), logits for all n rows.
 - fast_nolm: the same forward without the lm_head (logits_rows=False): the lm_head's share.
 Also: a prefill of `--prefix` tokens with logits for all rows vs the last row only.
+
+On a shared 2-core box, 2-thread wall times are dominated by other jobs (each OpenMP region waits
+for both threads to be scheduled: 5-10x inflation was seen at load 4-8). There,
+`--threads 1 --clock cpu` (process CPU time of one thread) still measures what the code costs.
 """
 
 from __future__ import annotations
@@ -40,10 +44,13 @@ SMOLLM2_SHAPES = dict(
 )
 
 
+CLOCK = time.perf_counter
+
+
 def _timed(fn) -> float:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     fn()
-    return (time.perf_counter() - t0) * 1e3
+    return (CLOCK() - t0) * 1e3
 
 
 def _embedded(dtype: str):
@@ -165,12 +172,20 @@ def main() -> None:
     ap.add_argument(
         "--random-weights", action="store_true", help="SmolLM2 shapes, random weights (no GGUF)"
     )
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: process CPU time; with --threads 1 it is robust to other jobs on a shared box",
+    )
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
     ns = [int(x) for x in args.ns.split(",")]
     print(
-        f"target forward latency, ms (min of {args.reps}), SmolLM2-135M, prefix {args.prefix}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"target forward latency, ms of {args.clock} time (min of {args.reps}), SmolLM2-135M, "
+        f"prefix {args.prefix}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
     rows = []
     for dtype in args.dtypes.split(","):

@@ -8,7 +8,8 @@ Same semantics as HFRunner, with a static KV cache [2, layers, kv_heads, capacit
 
 Per call this file does a handful of tensor ops (one mask for all layers, one gather + scatter in
 keep); everything else is FastLlama's layer loop. Optional `compile=True` wraps the forward in
-torch.compile (dynamic shapes); see benchmarks/target_forward.py for whether it pays here.
+torch.compile (dynamic shapes). It is off by default and UNVERIFIED: on the shared 2-core CPU box
+compiling the SmolLM2 forward had not finished after 15 minutes, so whether it pays is unknown.
 """
 
 from __future__ import annotations
