@@ -64,6 +64,24 @@ def recipe_tags(recipe) -> list[str]:
     return [f"target:{target_slug(recipe)}", f"recipe:{recipe.name}"]
 
 
+def tag_flow_run(recipe) -> None:
+    """Add the target's tags to the current flow run, however it was started (CLI, deployment,
+    a plain call); tasks and subflows started from here inherit them through `tags()`."""
+    try:
+        from prefect import get_client
+        from prefect.runtime import flow_run
+
+        if not flow_run.id:
+            return
+        with get_client(sync_client=True) as c:
+            run = c.read_flow_run(flow_run.id)
+            want = sorted(set(run.tags) | set(recipe_tags(recipe)))
+            if want != sorted(run.tags):
+                c.update_flow_run(run.id, tags=want)
+    except Exception as e:  # tags are a convenience: never fail a run for them
+        print(f"warning: could not tag the flow run: {e}")
+
+
 def flow_run_id() -> str | None:
     try:
         from prefect.runtime import flow_run

@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from flows.common import RETRY_DELAYS, mlflow_run, resolve_recipe, show_progress
+from flows.common import RETRY_DELAYS, mlflow_run, resolve_recipe, show_progress, tag_flow_run
 
 
 def data_key(recipe) -> str:
@@ -77,6 +77,7 @@ def datagen_flow(
     parent_run_id: str | None = None,
 ) -> dict:
     r = resolve_recipe(recipe, overrides)
+    tag_flow_run(r)
     manifest_path = r.run_path / "data" / "manifest.json"
     task_ = data_task.with_options(refresh_cache=not manifest_path.is_file())
     manifest = task_(r, data_key(r))

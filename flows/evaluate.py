@@ -20,6 +20,7 @@ from flows.common import (
     mlflow_run,
     resolve_recipe,
     show_progress,
+    tag_flow_run,
     tracker,
     write_json,
 )
@@ -239,6 +240,7 @@ def evaluate_flow(
     from eagle3.ops.tracking import eval_set_signature, registered_model_name
 
     r = resolve_recipe(recipe, overrides)
+    tag_flow_run(r)
     draft = Path(draft_dir or r.run_path / "draft")
     if not draft.is_dir():
         raise FileNotFoundError(f"draft checkpoint {draft} does not exist; run training first")

@@ -17,7 +17,14 @@ from typing import Any
 
 from prefect import flow, task
 
-from flows.common import RETRY_DELAYS, flow_run_id, resolve_recipe, s3_retryable, tracker
+from flows.common import (
+    RETRY_DELAYS,
+    flow_run_id,
+    resolve_recipe,
+    s3_retryable,
+    tag_flow_run,
+    tracker,
+)
 
 
 def _settings_or_none(recipe):
@@ -188,6 +195,7 @@ def infer_flow(
     output_uri: str | None = None,
 ) -> dict:
     r = resolve_recipe(config, overrides)
+    tag_flow_run(r)
     texts = load_prompts_task(r, prompts)
     champ = resolve_champion_task(r)
     tmp = tempfile.mkdtemp(prefix="eagle3-infer-")

@@ -16,6 +16,7 @@ from flows.common import (
     mlflow_run,
     recipe_tags,
     resolve_recipe,
+    tag_flow_run,
 )
 from flows.datagen import datagen_flow
 from flows.evaluate import evaluate_flow
@@ -35,6 +36,7 @@ def pipeline_flow(
     from eagle3.ops.tracking import registered_model_name
 
     r = resolve_recipe(config, overrides, profile)
+    tag_flow_run(r)
     ensure_gpu_limit()
     with tags(*recipe_tags(r)), mlflow_run(r, f"pipeline-{r.name}") as (t, parent):
         t.log_text(

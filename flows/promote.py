@@ -12,7 +12,14 @@ from typing import Any
 
 from prefect import flow, task
 
-from flows.common import RETRY_DELAYS, mlflow_run, resolve_recipe, s3_retryable, tracker
+from flows.common import (
+    RETRY_DELAYS,
+    mlflow_run,
+    resolve_recipe,
+    s3_retryable,
+    tag_flow_run,
+    tracker,
+)
 
 
 @task(
@@ -146,6 +153,7 @@ def promote_flow(
     from eagle3.ops.tracking import registered_model_name
 
     r = resolve_recipe(recipe, overrides)
+    tag_flow_run(r)
     model = registered_model_name(r)
     if rollback:
         out = execute_rollback(r)

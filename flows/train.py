@@ -14,7 +14,14 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from flows.common import RETRY_DELAYS, mlflow_run, resolve_recipe, show_progress, tracker
+from flows.common import (
+    RETRY_DELAYS,
+    mlflow_run,
+    resolve_recipe,
+    show_progress,
+    tag_flow_run,
+    tracker,
+)
 
 
 def train_key(recipe, data_digest: str | None) -> str:
@@ -92,6 +99,7 @@ def train_flow(
     data_digest: str | None = None,
 ) -> dict:
     r = resolve_recipe(recipe, overrides)
+    tag_flow_run(r)
     if data_digest is None:
         manifest = r.run_path / "data" / "manifest.json"
         if manifest.is_file():
