@@ -119,23 +119,24 @@ class DataConfig(Section):
 
 class TrainConfig(Section):
     features: Literal["online", "offline", "hybrid"] = "online"
-    ttt_steps: int = 7
-    step_weight: float = 0.8
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_tokens: int = 4096
-    grad_accum: int = 1
-    lr: float = 1e-4
+    ttt_steps: int = Field(7, ge=1)
+    step_weight: float = Field(0.8, gt=0.0, le=1.0)  # loss weight of TTT step i is step_weight**i
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # overrides epochs when set
+    batch_tokens: int = Field(4096, ge=1)  # tokens per micro-batch (per process)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.015
-    grad_clip: float = 0.5
-    max_len: int = 2048
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.015, ge=0.0, lt=1.0)
+    grad_clip: float = Field(0.5, gt=0.0)
+    max_len: int = Field(2048, ge=3)  # also the capacity of a packed row
     long_policy: Literal["drop", "truncate"] = "truncate"
     grad_checkpointing: bool = False
-    save_every: int = 500
-    eval_every: int = 500
-    log_every: int = 10
+    save_every: int = Field(500, ge=0)  # 0: only at the end
+    eval_every: int = Field(500, ge=0)  # 0: only at the end
+    log_every: int = Field(10, ge=1)
+    # val/loss, val/tau, or val/{loss,acc,accept}_<i>; loss metrics are minimised, others maximised.
     best_metric: str = "val/accept_0"
     seed: int = 0
     distributed: Literal["none", "ddp", "fsdp"] = "none"
