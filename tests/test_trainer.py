@@ -83,6 +83,9 @@ def test_checkpoint_outputs(tiny_recipe, tiny_target, corpus, tmp_path):
     doc = json.loads((tmp_path / "train_metrics.json").read_text())
     assert doc["step"] == 4 and doc["best"]["step"] == best_step
     assert doc["data"]["train"]["kept"] == 20
+    # The latest weights are kept in the portable format as well.
+    last = tmp_path / "train_state" / "last"
+    assert check_checkpoint(last) == [] and read_config(last)["eagle3"]["train"]["step"] == 4
 
 
 def test_online_offline_hybrid_agree(tiny_recipe, tiny_target, corpus, tmp_path):

@@ -390,7 +390,8 @@ class _Run:
         out.load_state_dict({k.removeprefix("draft."): v for k, v in sd.items()}, strict=False)
         return out
 
-    def _export(self, step: int) -> None:
+    def _export(self, step: int, out_dir: Path | None = None) -> None:
+        """The portable checkpoint of the current weights: `draft/` (best) or `out_dir`."""
         from eagle3.models.checkpoint import save_draft
 
         draft = self._full_draft()
@@ -414,13 +415,15 @@ class _Run:
                 "best_value": self.best["value"] if self.best else None,
             },  # fmt: skip
         }
-        save_draft(draft, self.run_dir / DRAFT_DIR, extra=extra)
+        save_draft(draft, out_dir or self.run_dir / DRAFT_DIR, extra=extra)
 
     def _save(self, step: int) -> None:
         if len(self.val_loader) == 0:
             # No held-out data: the best checkpoint is the latest one.
             self.best = {"metric": None, "value": None, "step": step, "metrics": {}}
             self._export(step)
+        # The latest weights in the portable format too (`draft/` holds the best ones).
+        self._export(step, self.state_dir / "last")
         model_sd, optim_sd = D.full_state(self.model, self.opt, self.info)
         if self.info.main:
             state = {
