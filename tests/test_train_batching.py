@@ -68,7 +68,9 @@ def test_length_policy_counts():
     # Truncation happens when a batch is built.
     loader = Loader(SampleList([_sample(0, 30)]), 10, "truncate", 64, 0)
     batch = loader.get(0)
-    assert batch.input_ids.shape == (1, 10) and torch.equal(batch.input_ids[0], torch.arange(10) + 100)
+    assert batch.input_ids.shape == (1, 10) and torch.equal(
+        batch.input_ids[0], torch.arange(10) + 100
+    )
 
 
 def test_collate_segments_and_positions():
@@ -93,7 +95,9 @@ def test_packed_target_features_equal_separate_forwards(tiny_target):
     """The block-diagonal mask and restarting positions make a packed row exactly separate runs."""
     g = torch.Generator().manual_seed(0)
     samples = [
-        TokenSample(f"x{i}", torch.randint(100, 5000, (n,), generator=g), torch.ones(n, dtype=torch.bool))
+        TokenSample(
+            f"x{i}", torch.randint(100, 5000, (n,), generator=g), torch.ones(n, dtype=torch.bool)
+        )
         for i, n in enumerate([7, 12, 5])
     ]
     batch = collate([[samples[0], samples[1]], [samples[2]]])
