@@ -177,7 +177,12 @@ class Tracker:
         self.client.log_text(run_id, text, name)
 
     def log_figure(self, run_id: str, fig, name: str) -> None:
-        self.client.log_figure(run_id, fig, name)
+        import matplotlib.pyplot as plt
+
+        try:
+            self.client.log_figure(run_id, fig, name)
+        finally:
+            plt.close(fig)  # pyplot keeps every figure alive until closed
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
