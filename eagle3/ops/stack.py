@@ -637,7 +637,11 @@ def start_s3(dir: str | Path, port: int | None = None, timeout: float = 60.0) ->
             break
     st.pids["s3"] = _spawn(st, "s3")
     st.save()
-    _wait_healthy(st, ["s3"], timeout, _quiet)
+    try:
+        _wait_healthy(st, ["s3"], timeout, _quiet)
+    except BaseException:
+        stop_s3(st)  # never leave a server behind that nobody will stop
+        raise
     return st
 
 
