@@ -79,7 +79,8 @@ def accept_sample(
         children[p].append(r)  # rows ascend, so siblings keep the drafter's order
     node, rows = 0, [0]
     while True:
-        p = warp_probs(logits[node], temperature, top_p, top_k)
+        # On CPU: the generator is a CPU one, and the walk reads single values.
+        p = warp_probs(logits[node].cpu(), temperature, top_p, top_k)
         for c in children[node]:
             x = tokens[c]
             px = float(p[x])
