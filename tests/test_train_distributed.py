@@ -55,6 +55,8 @@ def test_two_processes_match_one(tiny_recipe, tiny_target, corpus, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(HERE / "train_ddp_worker.py"), *map(str, jobs)]  # fmt: skip
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if res.returncode != 0:
+        (tmp_path / "stderr.txt").write_text(res.stderr)
     assert res.returncode == 0, res.stderr[-3000:]
 
     a = draft_state(tmp_path / "one")
