@@ -26,19 +26,6 @@ def _recipe(args):
         raise BadInput(str(e)) from None
 
 
-def _write_json(path: str | Path, obj) -> None:
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 # --- handlers ---------------------------------------------------------------------------------------
 def cmd_data(args) -> int:
     recipe = _recipe(args)
@@ -51,10 +38,12 @@ def cmd_data(args) -> int:
     except (DiskBudgetError, SourceError, DataLockedError, TemplateError) as e:
         raise BadInput(str(e)) from None
     s = manifest["samples"]
-    print(f"data: {s['written']} samples ({s['train']} train, {s['val']} val), {s['skipped']} "
-          f"skipped {s['skipped_by_reason']}; {manifest['tokens']['total']:,} tokens, "
-          f"{manifest['tokens']['trainable']:,} trainable; draft vocab {manifest['vocab']['size']} "
-          f"covers {manifest['vocab']['coverage']:.1%}")
+    print(
+        f"data: {s['written']} samples ({s['train']} train, {s['val']} val), {s['skipped']} "
+        f"skipped {s['skipped_by_reason']}; {manifest['tokens']['total']:,} tokens, "
+        f"{manifest['tokens']['trainable']:,} trainable; draft vocab {manifest['vocab']['size']} "
+        f"covers {manifest['vocab']['coverage']:.1%}"
+    )
     print(
         f"data manifest: {recipe.run_path / 'data' / 'manifest.json'} (digest {manifest['digest'][:12]})"
     )
@@ -75,7 +64,9 @@ def cmd_train(args) -> int:
         return EXIT_OK
     best = summary.get("best") or {}
     if best.get("metric"):
-        print(f"best {best['metric']} = {best['value']:.4f} at step {best['step']} of {summary['steps']}")
+        print(
+            f"best {best['metric']} = {best['value']:.4f} at step {best['step']} of {summary['steps']}"
+        )
     print(f"draft checkpoint: {summary['draft_dir']}")
     print(f"metrics: {summary['train_metrics']}")
     return EXIT_OK
@@ -94,7 +85,9 @@ def cmd_bench(args) -> int:
         report = run_bench(recipe, args.draft, datasets=datasets, limit=args.limit, progress=True)
     except SourceError as e:  # an unknown or unreadable data set name
         raise BadInput(str(e)) from None
-    _write_json(args.out, report)
+    from eagle3.io import write_json_atomic
+
+    write_json_atomic(args.out, report)
     print_report(report)
     print(f"report: {args.out}")
     return EXIT_OK

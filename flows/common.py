@@ -6,7 +6,6 @@ Flows only orchestrate; the work lives in eagle3 (data, train, eval, infer) and 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -154,16 +153,9 @@ def mlflow_run(recipe, name: str, parent_id: str | None = None, params: bool = T
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    import tempfile
+    from eagle3.io import write_json_atomic
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, obj)
 
 
 def ensure_gpu_limit(limit: int | None = None) -> None:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from eagle3 import io
 
 MANIFEST = "manifest.json"
 VERSION = 1
@@ -53,18 +53,7 @@ def finish(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; shards are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    io.write_json_atomic(path, obj, sort_keys=True)
 
 
 def write_manifest(data_dir: str | Path, manifest: dict[str, Any]) -> Path:

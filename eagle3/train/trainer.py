@@ -13,8 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 import torch
 
 from eagle3.config import ConfigError, Recipe
+from eagle3.io import write_json_atomic
 from eagle3.train import dist as D
 from eagle3.train.batching import Loader, batch_index, epoch_order
 from eagle3.train.dataset import ShardDataset, as_dataset
@@ -462,13 +461,7 @@ class _Run:
             "time_share": {k: v / busy for k, v in self.timing.items()} if busy else {},
             "history": self.history,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_FILE}.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(path, doc, indent=1)
 
     def _finish(self, start: int) -> dict:
         draft_dir = self.run_dir / DRAFT_DIR
