@@ -29,7 +29,8 @@ def test_overrides_are_typed_and_win_over_profiles():
         ROOT / "configs/smollm2-135m.yaml", ["train.lr=0.01", "data.limit=32"], profile="demo"
     )
     assert r.train.lr == 0.01 and r.data.limit == 32
-    assert r.data.max_new_tokens == 96  # from the demo profile
+    assert r.data.max_new_tokens == 64  # from the demo profile
+    assert str(r.run_path) == "runs/smollm2-135m-demo"
     r2 = load_recipe(ROOT / "configs/tiny.yaml", ["infer.top_k=2"])
     assert r2.infer.top_k == 2
     assert flatten(r2)["infer.top_k"] == 2
