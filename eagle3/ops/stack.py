@@ -110,13 +110,29 @@ def pid_alive(pid: int | None, must_contain: str | None = None) -> bool:
             return True  # no /proc (macOS): trust the pid
         if must_contain not in cmd:
             return False
-        try:  # a zombie is not alive
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            if stat.rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-        except OSError:
-            pass
-    return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """A killed child that nobody reaped yet still answers kill(pid, 0): it is not alive."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _reap(pid: int, timeout: float = 5.0) -> None:
+    """Collect our child's exit status (tests start the stack in-process); no-op otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done or time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
 
 
 def _bin(name: str) -> str | None:
@@ -511,11 +527,7 @@ def stop_pid(pid: int, marker: str, grace: float = 15.0) -> bool:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    # Reap it when it is our child (tests start the stack in-process).
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
+    _reap(pid)
     # Children of the group that outlived the leader (uvicorn workers) get SIGKILL too.
     try:
         os.killpg(pid, 0)
