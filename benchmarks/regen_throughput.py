@@ -1,15 +1,17 @@
-"""Regeneration throughput: batched HF generate vs one prompt at a time, on the same target.
+"""Regeneration throughput: one prompt at a time vs batched HF generate vs continuous batching.
 
     .venv/bin/python benchmarks/regen_throughput.py                       # SmolLM2-135M, batch 8
     .venv/bin/python benchmarks/regen_throughput.py --config configs/tiny.yaml --prompts 8
 
 Prompts are ShareGPT first turns (the data the pipeline regenerates), rendered with the target's chat
-template and sorted by length as the pipeline sorts a shard's prompts, so a batch wastes little on
-padding. The two modes are interleaved group by group (one batch, then the same prompts one at a
-time), so that a noisy, shared machine slows both alike and the ratio holds. Greedy decoding: both
-modes produce the same tokens; tokens/s counts generated tokens up to and including EOS, and the
-time includes each mode's prefill (the same work in both modes, so long prompts and short answers
-pull the ratio down: it is the decode steps that batching shares).
+template and sorted by length as the pipeline sorts them. Three ways to answer the same prompts:
+- one-at-a-time: HF `generate` on each prompt alone (the baseline);
+- static batch: HF `generate` on left-padded batches of `--batch-size` prompts; a batch runs until
+  its longest answer ends;
+- continuous: what `eagle3 data` runs (`eagle3/data/decode.py`): `--batch-size` answers in flight,
+  a finished answer's slot refilled with the next prompt.
+Greedy decoding: all three produce the same tokens (checked). tokens/s counts generated tokens up to
+and including EOS; times include the prefills (the same work in every mode).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from eagle3.config import load_recipe
     from eagle3.data.chat import encode_chat
-    from eagle3.data.regenerate import generate_batch, user_turns
+    from eagle3.data.regenerate import answer_prompts, generate_static, user_turns
     from eagle3.data.sources import Conversation, iter_conversations, resolve_source
     from eagle3.env import describe_device
     from eagle3.models.target import load_target
@@ -67,26 +69,24 @@ def main() -> None:
             break
     prompts.sort(key=len)
     bs, n = args.batch_size, args.max_new_tokens or recipe.data.max_new_tokens
-    tokens = {"batched": 0, "one-at-a-time": 0}
-    seconds = {"batched": 0.0, "one-at-a-time": 0.0}
-    same = True
-    for g in range(0, len(prompts), bs):
-        group = prompts[g : g + bs]
+    limits = [n] * len(prompts)
+    modes = {
+        "continuous": lambda: answer_prompts(target, prompts, limits, bs),
+        "static batch": lambda: [
+            r
+            for g in range(0, len(prompts), bs)
+            for r in generate_static(target, prompts[g : g + bs], limits[g : g + bs], 0.0, 0)
+        ],
+        "one-at-a-time": lambda: [generate_static(target, [p], [n], 0.0, 0)[0] for p in prompts],
+    }
+    tokens, seconds, outs = {}, {}, {}
+    for name, run in modes.items():
         t = time.perf_counter()
-        batched = generate_batch(target, group, n)
-        seconds["batched"] += time.perf_counter() - t
-        t = time.perf_counter()
-        single = [generate_batch(target, [p], n)[0] for p in group]
-        seconds["one-at-a-time"] += time.perf_counter() - t
-        tokens["batched"] += sum(len(ids) for ids, _ in batched)
-        tokens["one-at-a-time"] += sum(len(ids) for ids, _ in single)
-        same &= [ids for ids, _ in batched] == [ids for ids, _ in single]
-        print(
-            f"  group {g // bs}: {len(group)} prompts, batched {tokens['batched']} tok "
-            f"/ {seconds['batched']:.1f} s, single {tokens['one-at-a-time']} tok "
-            f"/ {seconds['one-at-a-time']:.1f} s",
-            flush=True,
-        )
+        outs[name] = run()
+        seconds[name] = time.perf_counter() - t
+        tokens[name] = sum(len(ids) for ids, _ in outs[name])
+        print(f"  {name}: {tokens[name]} tok in {seconds[name]:.1f} s", flush=True)
+    same = all(outs[k] == outs["one-at-a-time"] for k in outs)
 
     rate = {k: tokens[k] / seconds[k] for k in tokens}
     lens = [len(p) for p in prompts]
@@ -95,13 +95,11 @@ def main() -> None:
         f"threads, dtype {target.dtype}; {len(prompts)} prompts of {min(lens)}-{max(lens)} tokens, "
         f"max_new_tokens {n}, batch {bs}"
     )
-    print(f"{'mode':<15}{'new tokens':>12}{'seconds':>10}{'tokens/s':>10}")
-    for k in ("one-at-a-time", "batched"):
-        print(f"{k:<15}{tokens[k]:>12}{seconds[k]:>10.1f}{rate[k]:>10.1f}")
-    print(
-        f"batched / one-at-a-time: {rate['batched'] / rate['one-at-a-time']:.2f}x"
-        f"  (same greedy tokens: {same})"
-    )
+    print(f"{'mode':<15}{'new tokens':>12}{'seconds':>10}{'tokens/s':>10}{'vs one':>8}")
+    for k in reversed(modes):
+        x = rate[k] / rate["one-at-a-time"]
+        print(f"{k:<15}{tokens[k]:>12}{seconds[k]:>10.1f}{rate[k]:>10.1f}{x:>7.2f}x")
+    print(f"same greedy tokens in all modes: {same}")
 
 
 if __name__ == "__main__":

@@ -207,16 +207,3 @@ def test_sampling_follows_the_seed(tiny_target):
     assert a == b
     assert a != c
     assert a[0] != a[1]  # rows of a batch draw independently
-
-
-def test_prefill_each_builds_the_batch_cache(tiny_target):
-    from eagle3.data.regenerate import prefill_each
-
-    prompts = [[5], [5, 6, 7, 8], [9, 10]]
-    cache = prefill_each(tiny_target, prompts, 3)
-    assert cache is not None  # the plain-KV path is taken for a Llama (no silent fallback)
-    k = cache.layers[0].keys
-    assert k.shape[0] == 3 and k.shape[2] == 3
-    assert not k[0].any() and not k[2, :, 0].any() and k[2, :, 1:].abs().sum() > 0
-    batched = generate_batch(tiny_target, prompts, 4)
-    assert batched == [generate_batch(tiny_target, [p], 4)[0] for p in prompts]

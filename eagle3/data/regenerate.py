@@ -3,8 +3,9 @@
 Turn by turn: the answer to user turn k is generated with the target's own answers to turns < k in
 the context, so a multi-turn sample is exactly a conversation the target could have had. Two
 backends, same contract (conversations in, regenerated conversations + skips + stats out):
-- `regenerate_hf`: batched `generate` on the loaded target (left padding, KV cache, prompts sorted
-  by length so a batch wastes little padding, one batch in flight);
+- `regenerate_hf`: the loaded target answers `batch_size` prompts at a time with continuous
+  batching (`decode.py`: a finished answer's slot takes the next prompt; left padding, KV cache,
+  prompts sorted by length so the batch wastes little padding);
 - `regenerate_openai`: any OpenAI-compatible server (vLLM, SGLang) with bounded concurrency.
 A turn whose prompt no longer fits `max_len` ends the conversation there; a conversation with no
 answered turn is skipped with the reason.
@@ -16,6 +17,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -114,43 +116,45 @@ def _fit(dialog: _Dialog, tokenizer, max_len: int, stats: RegenStats) -> list[in
 
 
 # --- HF backend ---------------------------------------------------------------------------------------
-@torch.inference_mode()
-def prefill_each(target, prompts: list[list[int]], width: int):
-    """KV cache of every prompt but its last token, computed one prompt at a time (no compute on
-    padding), then left-padded with zeros into one batch cache of `width` positions; None when the
-    model's cache is not a plain per-layer KV cache (sliding windows, recurrent state).
+def prompt_seed(seed: int, i: int) -> int:
+    """The sampling seed of prompt i of a call: each answer draws from its own generator."""
+    return seed * 1_000_003 + i
 
-    A left-padded batch prefill costs batch x longest prompt; this costs the sum of the lengths,
-    which is what one-at-a-time generation pays too. The padded slots are masked out.
+
+def answer_prompts(
+    target,
+    prompts: list[list[int]],
+    limits: list[int],
+    batch_size: int,
+    temperature: float = 0.0,
+    seeds: list[int] | None = None,
+    on_done: Callable[[int, list[int], bool], None] | None = None,
+) -> list[tuple[list[int], bool]]:
+    """Per prompt (new ids up to and incl. EOS, cut by its limit?), `batch_size` in flight.
+
+    Continuous batching (`decode.py`) when the model's cache is plain K/V; otherwise HF `generate`
+    over static left-padded batches of prompts sorted by length.
     """
-    from transformers import DynamicCache
+    from eagle3.data.decode import decode_continuous
 
-    dev = target.device
-    kvs: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = []  # per prompt, per layer
-    for p in prompts:
-        if len(p) < 2:
-            kvs.append(None)
-            continue
-        cache = target.model(input_ids=torch.tensor([p[:-1]], device=dev), use_cache=True).cache
-        layers = getattr(cache, "layers", None)
-        if not layers or any(getattr(la, "is_sliding", True) for la in layers):
-            return None
-        kvs.append([(la.keys, la.values) for la in layers])
-    ref = next(kv for kv in kvs if kv is not None)
-    data = []
-    for li, (k0, _) in enumerate(ref):
-        kb = k0.new_zeros((len(prompts), k0.shape[1], width, k0.shape[3]))
-        vb = torch.zeros_like(kb)
-        for i, kv in enumerate(kvs):
-            if kv is not None:
-                k, v = kv[li]
-                kb[i, :, width - k.shape[2] :] = k[0]
-                vb[i, :, width - v.shape[2] :] = v[0]
-        data.append((kb, vb))
-    return DynamicCache(ddp_cache_data=data)
+    out = decode_continuous(target, prompts, limits, batch_size, temperature, seeds, on_done)
+    if out is not None:
+        return out
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    res: dict[int, tuple[list[int], bool]] = {}
+    for b in range(0, len(order), batch_size):
+        chunk = order[b : b + batch_size]
+        seed = seeds[chunk[0]] if seeds else b
+        got = generate_static(
+            target, [prompts[i] for i in chunk], [limits[i] for i in chunk], temperature, seed
+        )
+        for i, r in zip(chunk, got, strict=True):
+            res[i] = r
+            if on_done:
+                on_done(i, *r)
+    return [res[i] for i in range(len(prompts))]
 
 
-@torch.inference_mode()
 def generate_batch(
     target,
     prompts: list[list[int]],
@@ -158,15 +162,19 @@ def generate_batch(
     temperature: float = 0.0,
     seed: int = 0,
 ) -> list[tuple[list[int], bool]]:
-    """One left-padded `generate` over a batch; per prompt (new ids up to and incl. EOS, cut?).
+    """All prompts in flight at once; per prompt (new ids up to and incl. EOS, cut?)."""
+    n = len(prompts)
+    limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    seeds = [prompt_seed(seed, i) for i in range(n)]
+    return answer_prompts(target, prompts, limits, n, temperature, seeds)
 
-    The prompts are prefilled one by one (`prefill_each`) and decoded together: batching pays off
-    in the decode steps, where one batched step costs little more than a single one.
-    """
+
+@torch.inference_mode()
+def generate_static(target, prompts, limits, temperature, seed):
+    """One left-padded HF `generate` over a batch (the fallback for sliding / recurrent caches)."""
     from transformers import GenerationConfig
 
     n = len(prompts)
-    limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
     eos = target.eos_token_ids
     tok = target.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
@@ -187,14 +195,11 @@ def generate_batch(
         pad_token_id=pad,
         use_cache=True,
     )
-    dev = target.device
-    kwargs = {}
-    if width > 1 and (cache := prefill_each(target, prompts, width - 1)) is not None:
-        kwargs["cache"] = cache  # generate then runs only the last prompt column
     if sample:
         torch.manual_seed(seed)
+    dev = target.device
     out = target.model.generate(
-        input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen, **kwargs
+        input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen
     )
     results = []
     for i in range(n):
@@ -202,6 +207,11 @@ def generate_batch(
         stop = next((k for k, t in enumerate(new) if t in eos), None)
         results.append((new[: stop + 1], False) if stop is not None else (new, True))
     return results
+
+
+def _turn_seed(seed: int, d: _Dialog) -> int:
+    """Stable per (run seed, conversation, turn): a sampled answer does not depend on its batch."""
+    return zlib.crc32(f"{seed}:{d.conv.id}:{d.answered}".encode())
 
 
 def _decode(tokenizer, ids: list[int]) -> str:
@@ -216,11 +226,18 @@ def regenerate_hf(
     seed: int = 0,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> RegenResult:
-    """Batched generation turn by turn; `on_batch(answers, new_tokens)` after every batch."""
+    """Batched generation turn by turn; `on_batch(answers, new_tokens)` as answers end."""
     t0 = time.perf_counter()
     stats = RegenStats()
     dialogs = [_Dialog(c) for c in conversations]
-    rnd = 0
+
+    def done(i: int, ids: list[int], cut: bool) -> None:
+        stats.turns += 1
+        stats.hit_max_new_tokens += cut
+        stats.new_tokens += len(ids)
+        if on_batch:
+            on_batch(1, len(ids))
+
     while True:
         ready = []
         for d in dialogs:
@@ -229,27 +246,18 @@ def regenerate_hf(
                 ready.append((d, ids))
         if not ready:
             break
-        ready.sort(key=lambda x: len(x[1]))
-        for b in range(0, len(ready), cfg.batch_size):
-            batch = ready[b : b + cfg.batch_size]
-            limits = [min(cfg.max_new_tokens, cfg.max_len - len(ids)) for _, ids in batch]
-            outs = generate_batch(
-                target,
-                [ids for _, ids in batch],
-                limits,
-                cfg.temperature,
-                seed=seed * 1_000_003 + rnd * 10_007 + b,
-            )
-            new = 0
-            for (d, _), (ids, cut) in zip(batch, outs, strict=True):
-                d.answer(_decode(target.tokenizer, ids))
-                stats.turns += 1
-                stats.hit_max_new_tokens += cut
-                new += len(ids)
-            stats.new_tokens += new
-            if on_batch:
-                on_batch(len(batch), new)
-        rnd += 1
+        ready.sort(key=lambda x: len(x[1]))  # similar lengths share the padded width
+        outs = answer_prompts(
+            target,
+            [ids for _, ids in ready],
+            [min(cfg.max_new_tokens, cfg.max_len - len(ids)) for _, ids in ready],
+            cfg.batch_size,
+            cfg.temperature,
+            [_turn_seed(seed, d) for d, _ in ready],
+            on_done=done,
+        )
+        for (d, _), (ids, _) in zip(ready, outs, strict=True):
+            d.answer(_decode(target.tokenizer, ids))
     stats.seconds = time.perf_counter() - t0
     return _collect(dialogs, stats)
 
