@@ -58,37 +58,39 @@ class FakeOpenAI:
                     fake.inflight += 1
                     fake.max_inflight = max(fake.max_inflight, fake.inflight)
                 try:
-                    if "FAIL" in req["messages"][-1]["content"]:
-                        return self._send(400, {"error": {"message": "this prompt is refused"}})
-                    tok = fake.target.tokenizer
-                    ids = encode_chat(tok, req["messages"], add_generation_prompt=True)
-                    with fake.lock:
-                        ((new, cut),) = generate_batch(fake.target, [ids], req["max_tokens"])
-                    text = tok.decode(new, skip_special_tokens=True)
-                    fake.requests.append((req, text))
-                    self._send(
-                        200,
-                        {
-                            "id": "x",
-                            "object": "chat.completion",
-                            "model": req["model"],
-                            "choices": [
-                                {
-                                    "index": 0,
-                                    "finish_reason": "length" if cut else "stop",
-                                    "message": {"role": "assistant", "content": text},
-                                }
-                            ],
-                            "usage": {"prompt_tokens": len(ids), "completion_tokens": len(new)},
-                        },
-                    )
-                finally:
+                    code, obj = fake.answer(req)
+                finally:  # before replying: the client may send its next request once it reads this
                     with fake.count_lock:
                         fake.inflight -= 1
+                self._send(code, obj)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def answer(self, req):
+        if "FAIL" in req["messages"][-1]["content"]:
+            return 400, {"error": {"message": "this prompt is refused"}}
+        tok = self.target.tokenizer
+        ids = encode_chat(tok, req["messages"], add_generation_prompt=True)
+        with self.lock:
+            ((new, cut),) = generate_batch(self.target, [ids], req["max_tokens"])
+        text = tok.decode(new, skip_special_tokens=True)
+        self.requests.append((req, text))
+        reply = {
+            "id": "x",
+            "object": "chat.completion",
+            "model": req["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "length" if cut else "stop",
+                    "message": {"role": "assistant", "content": text},
+                }
+            ],
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": len(new)},
+        }
+        return 200, reply
 
     def __enter__(self):
         self.thread.start()
