@@ -188,11 +188,8 @@ def decode_continuous(
     """
     model, eos = target.model, set(target.eos_token_ids)
     n = len(prompts)
-    out: list[tuple[list[int], bool] | None] = [None] * n
-    queue = [i for i in range(n) if limits[i] > 0]
-    for i in range(n):
-        if limits[i] <= 0:
-            out[i] = ([], True)
+    out: list[tuple[list[int], bool] | None] = [None if m > 0 else ([], True) for m in limits]
+    queue = [i for i in range(n) if out[i] is None]
     gens: list[torch.Generator | None] = [None] * n
     if temperature > 0:
         for i in range(n):
