@@ -141,6 +141,9 @@ class TrainConfig(Section):
     seed: int = 0
     distributed: Literal["none", "ddp", "fsdp"] = "none"
     init_from: str | None = None
+    # Data dirs of other data stages of the same target (e.g. one run with data.regenerate=false)
+    # whose training samples join this run's; validation stays this run's own held-out samples.
+    mix_data: list[str] = Field(default_factory=list)
 
 
 class EvalConfig(Section):

@@ -286,3 +286,49 @@ def test_token_shard_roundtrip(tmp_path):
     assert [r.sample_id for r in back] == ["s0", "s1", "s2"]
     for a, b in zip(rows, back, strict=True):
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.loss_mask, b.loss_mask)
+
+
+def test_training_mixes_in_a_teacher_forced_stage(base, tiny_recipe, tiny_target, source, tmp_path):
+    from eagle3.config import ConfigError
+    from eagle3.train.trainer import DataMissing, conversation_id, mixed_samples, run_training
+
+    recipe, m, _ = base
+    tf = make_recipe(
+        tiny_recipe, source, tmp_path / "tf", "data.regenerate=false", "data.features=false"
+    )
+    tf_dir = str(tf.run_path / "data")
+    run_data(tf, progress=False, target=tiny_target)
+    tf_train, _ = load_token_samples(tf_dir)
+    text = tiny_target.tokenizer.decode(tf_train[0].input_ids)
+    assert "An original answer that must be replaced." in text  # teacher-forced: not regenerated
+
+    first = conversation_id(tf_train[0].sample_id)
+    extra, digests = mixed_samples([tf_dir], m, held_out={first})
+    kept = [s for s in tf_train if conversation_id(s.sample_id) != first]
+    assert [s.sample_id for s in extra] == [f"{tf_dir}:{s.sample_id}" for s in kept]
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(extra, kept, strict=True))
+    assert digests == [read_manifest(tf_dir)["digest"]]
+
+    with pytest.raises(ConfigError, match="tf/data: its target differs"):
+        mixed_samples([tf_dir], {**m, "target": {"id": "another model"}}, set())
+    with pytest.raises(DataMissing, match="nowhere/manifest.json"):
+        mixed_samples([str(tmp_path / "nowhere")], m, set())
+
+    # The trainer counts both stages' training samples and validates on its own held-out ones.
+    own_train, own_val = load_token_samples(recipe.run_path / "data")
+    mixed = build_recipe(
+        recipe.model_dump(mode="json", exclude_none=True),
+        [
+            f"train.mix_data=[{tf_dir}]",
+            "train.max_steps=1",
+            "train.batch_tokens=512",
+            "train.max_len=160",
+            "train.ttt_steps=2",
+        ],  # fmt: skip
+    )
+    out = run_training(mixed, progress=False)
+    data = json.loads(Path(out["train_metrics"]).read_text())["data"]
+    own_ids = {conversation_id(s.sample_id) for s in own_val}
+    n_extra = sum(conversation_id(s.sample_id) not in own_ids for s in tf_train)
+    assert data["train"]["samples"] == len(own_train) + n_extra
+    assert data["val"]["samples"] == len(own_val)

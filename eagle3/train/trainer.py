@@ -9,6 +9,7 @@ callback(step, {name: value}) so that flows can forward them to MLflow.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -72,15 +73,53 @@ def run_training(recipe: Recipe, progress: bool = True, callback: Callback | Non
         train_set, val_set = ShardDataset(train_shards), ShardDataset(val_shards)
     else:
         train_set, val_set = load_token_samples(data_dir)
+    digest = str(manifest.get("digest", ""))
+    if recipe.train.mix_data:
+        if recipe.train.features == "offline":
+            raise ConfigError("train.mix_data needs train.features online or hybrid")
+        held_out = {conversation_id(s.sample_id) for s in val_set}
+        extra, digests = mixed_samples(recipe.train.mix_data, manifest, held_out)
+        train_set = train_set + extra
+        digest = hashlib.sha256(json.dumps([digest, *digests]).encode()).hexdigest()
     return train(
         recipe,
         train_set,
         val_set,
         vocab,
-        data_digest=str(manifest.get("digest", "")),
+        data_digest=digest,
         progress=progress,
         callback=callback,
     )
+
+
+def conversation_id(sample_id: str) -> str:
+    """`source:conv` of a sample id (a long conversation's later pieces add `#<message>`)."""
+    return sample_id.split("#", 1)[0]
+
+
+def mixed_samples(dirs: list[str], manifest: dict, held_out: set[str]) -> tuple[list, list[str]]:
+    """Training samples of other data stages, renamed `<dir>:<id>`, without this run's held-out
+    conversations (their teacher-forced twins would leak into training). Returns (samples,
+    digests). Each stage must share this run's target and chat template."""
+    from eagle3.data.pipeline import load_token_samples
+
+    out, digests = [], []
+    for d in dirs:
+        path = Path(d) / "manifest.json"
+        if not path.is_file():
+            raise DataMissing(f"train.mix_data: {path} does not exist")
+        other = json.loads(path.read_text())
+        for key in ("target", "chat_template_sha256"):
+            if other.get(key) != manifest.get(key):
+                raise ConfigError(f"train.mix_data {d}: its {key} differs from this run's data")
+        train_part, _ = load_token_samples(d)
+        out += [
+            dataclasses.replace(s, sample_id=f"{d}:{s.sample_id}")
+            for s in train_part
+            if conversation_id(s.sample_id) not in held_out
+        ]
+        digests.append(str(other.get("digest", "")))
+    return out, digests
 
 
 def build_draft(recipe: Recipe, target, vocab):
