@@ -324,7 +324,7 @@ def test_training_mixes_in_a_teacher_forced_stage(base, tiny_recipe, tiny_target
             "train.batch_tokens=512",
             "train.max_len=160",
             "train.ttt_steps=2",
-        ],  # fmt: skip
+        ],
     )
     out = run_training(mixed, progress=False)
     data = json.loads(Path(out["train_metrics"]).read_text())["data"]

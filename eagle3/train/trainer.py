@@ -101,14 +101,15 @@ def mixed_samples(dirs: list[str], manifest: dict, held_out: set[str]) -> tuple[
     """Training samples of other data stages, renamed `<dir>:<id>`, without this run's held-out
     conversations (their teacher-forced twins would leak into training). Returns (samples,
     digests). Each stage must share this run's target and chat template."""
+    from eagle3.data.manifest import read_manifest
     from eagle3.data.pipeline import load_token_samples
 
     out, digests = [], []
     for d in dirs:
-        path = Path(d) / "manifest.json"
-        if not path.is_file():
-            raise DataMissing(f"train.mix_data: {path} does not exist")
-        other = json.loads(path.read_text())
+        try:
+            other = read_manifest(d)  # also refuses a manifest edited by hand
+        except FileNotFoundError as e:
+            raise DataMissing(f"train.mix_data: {e}") from e
         for key in ("target", "chat_template_sha256"):
             if other.get(key) != manifest.get(key):
                 raise ConfigError(f"train.mix_data {d}: its {key} differs from this run's data")
