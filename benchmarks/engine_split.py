@@ -32,14 +32,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from eagle3.config import load_recipe
-    from eagle3.infer.engine import SpecEngine, encode_prompt
+    from eagle3.infer.engine import SpecEngine, draft_dtype, encode_prompt
     from eagle3.models.checkpoint import load_draft
     from eagle3.models.target import load_target
 
     recipe = load_recipe(args.config, args.overrides)
     target = load_target(recipe.target, recipe.cache_path)
     if args.draft:
-        draft = load_draft(args.draft, device=target.device, dtype=recipe.target.dtype)
+        draft = load_draft(args.draft, device=target.device, dtype=draft_dtype(recipe))
         chat = ["Write a short poem about the sea.", "Explain what a hash map is, briefly."]
         sets = {
             "chat": [

@@ -184,6 +184,9 @@ class PromoteConfig(Section):
 class InferConfig(Section):
     # Target backend of the engine: hf (transformers forward) or fast (compact gpt-fast style).
     backend: Literal["hf", "fast"] = "hf"
+    # The draft's dtype; auto = the target's. Verification alone decides the output, so a draft in
+    # another dtype changes only the tree it proposes (speed), never the tokens.
+    draft_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # tree: EAGLE-2 dynamic tree; chain: top_k = 1 and total_tokens = depth (vLLM-style drafts).
     mode: Literal["tree", "chain"] = "tree"
     total_tokens: int = Field(default=16, ge=1)  # draft tokens verified per cycle (tree nodes)

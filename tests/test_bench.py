@@ -49,7 +49,14 @@ def test_report_follows_the_contract(head_dir, capsys):
     } <= set(report)
     assert report["device"] == "cpu" and report["dtype"] == "float32" and report["threads"] == 1
     d = report["decoding"]
-    assert d == {"mode": "tree", "total_tokens": 16, "depth": 4, "top_k": 4, "temperature": 0.0}
+    assert d == {
+        "mode": "tree",
+        "total_tokens": 16,
+        "depth": 4,
+        "top_k": 4,
+        "temperature": 0.0,
+        "draft_dtype": "float32",  # infer.draft_dtype auto: the target's
+    }
     s = report["datasets"]["mt_bench"]
     assert set(s) == {
         "prompts",

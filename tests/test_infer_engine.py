@@ -9,7 +9,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from eagle3.infer.engine import SpecEngine
+from eagle3.infer.engine import SpecEngine, draft_dtype
+from eagle3.models.checkpoint import load_draft, save_draft
 from eagle3.models.draft import DraftConfig, Eagle3Draft
 from eagle3.models.target import Target, build_tiny_target
 
@@ -94,6 +95,29 @@ def test_fast_backend_is_lossless_too(tiny_target, tiny_recipe, tiny_trained_hea
         assert res.tokens == _hf_greedy(tiny_target, ids, MAX_NEW)
         taus.append(res.tau)
     assert min(taus[:2]) > 2.5, taus  # seen prompts: long paths were accepted and compacted
+
+
+def test_a_bf16_draft_on_an_fp32_target_changes_speed_not_tokens(
+    tiny_target, tiny_recipe, tiny_trained_head, tmp_path
+):
+    """infer.draft_dtype: the draft proposes in bf16, the fp32 target alone decides the tokens."""
+    save_draft(tiny_trained_head, tmp_path / "head")
+    recipe = tiny_recipe.model_copy(
+        update={"infer": _cfg(tiny_recipe, backend="fast", draft_dtype="bfloat16")}
+    )
+    assert tiny_target.dtype == torch.float32 and draft_dtype(recipe) == "bfloat16"
+    head = load_draft(tmp_path / "head", dtype=draft_dtype(recipe))
+    assert head.fc.weight.dtype == torch.bfloat16
+    engine = SpecEngine(tiny_target, head, recipe.infer)
+    taus = []
+    for ids in (
+        infer_support.random_prompts(n_seq=2).tolist()
+        + infer_support.random_prompts(n_seq=1, seed=7).tolist()
+    ):
+        res = engine.generate(ids, max_new_tokens=MAX_NEW)
+        assert res.tokens == _hf_greedy(tiny_target, ids, MAX_NEW)
+        taus.append(res.tau)
+    assert min(taus[:2]) > 2.5, taus  # the bf16 head still drafts paths that get accepted
 
 
 def test_greedy_random_head_equals_hf_generate(tiny_target, tiny_recipe, random_head):

@@ -266,6 +266,8 @@ def _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt) -> dict:
             "depth": depth,
             "top_k": top_k,
             "temperature": temperature,
+            # Beyond the contract's keys: the draft may run in another dtype than the target.
+            "draft_dtype": str(engine.draft.fc.weight.dtype).removeprefix("torch."),
         },
         "datasets": report_sets,
         "overall": overall.summary(with_counts=False),
@@ -294,7 +296,7 @@ def print_report(report: dict) -> None:
     title = (
         f"{report['target']} + {Path(report['draft']).name}\n{report['device']}, {report['dtype']}, "
         f"{report['threads']} threads; {d['mode']} total={d['total_tokens']} depth={d['depth']} "
-        f"top_k={d['top_k']} T={d['temperature']}"
+        f"top_k={d['top_k']} T={d['temperature']} draft={d.get('draft_dtype', report['dtype'])}"
     )
     baselines = [
         n for n in DECODERS[1:] if any(n in s["tokens_per_s"] for s in report["datasets"].values())

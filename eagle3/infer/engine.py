@@ -254,8 +254,14 @@ def load_engine(recipe, draft_dir) -> SpecEngine:
     from eagle3.models.target import load_target
 
     target = load_target(recipe.target, recipe.cache_path)
-    draft = load_draft(draft_dir, device=target.device, dtype=recipe.target.dtype)
+    draft = load_draft(draft_dir, device=target.device, dtype=draft_dtype(recipe))
     return SpecEngine(target, draft, tuned_infer(recipe.infer, draft))
+
+
+def draft_dtype(recipe) -> str:
+    """infer.draft_dtype, with auto resolved to the target's dtype."""
+    d = recipe.infer.draft_dtype
+    return recipe.target.dtype if d == "auto" else d
 
 
 def tuned_infer(infer_cfg, draft):
