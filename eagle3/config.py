@@ -192,6 +192,10 @@ class InferConfig(Section):
     total_tokens: int = Field(default=16, ge=1)  # draft tokens verified per cycle (tree nodes)
     depth: int = Field(default=5, ge=1)  # draft tokens on the longest root path
     top_k: int = Field(default=4, ge=1)  # children expanded per frontier node, and frontier size
+    # Prompt lookup: up to this many tokens that followed the last earlier occurrence of the
+    # context's suffix n-gram (n <= lookup_ngram) join each tree as one more branch. 0: off.
+    lookup_tokens: int = Field(default=0, ge=0)
+    lookup_ngram: int = Field(default=3, ge=1)
     temperature: float = Field(default=0.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k_sampling: int = Field(default=0, ge=0)  # 0: off

@@ -56,6 +56,7 @@ def test_report_follows_the_contract(head_dir, capsys):
         "top_k": 4,
         "temperature": 0.0,
         "draft_dtype": "float32",  # infer.draft_dtype auto: the target's
+        "lookup_tokens": 0,
     }
     s = report["datasets"]["mt_bench"]
     assert set(s) == {

@@ -213,25 +213,42 @@ def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue)
 
 
-@pytest.mark.parametrize("T,top_p", [(1.0, 1.0), (0.7, 0.9)])
-def test_sampling_matches_the_target_distribution(small_vocab, tiny_recipe, T, top_p):
+@pytest.mark.parametrize(
+    "T,top_p,lookup",
+    [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.0, 1.0, 3)],  # lookup: a prompt-lookup branch in each tree
+)
+def test_sampling_matches_the_target_distribution(small_vocab, tiny_recipe, T, top_p, lookup):
     target, draft = small_vocab
-    cfg = _cfg(tiny_recipe, total_tokens=6, depth=2, top_k=3, temperature=T, top_p=top_p)
+    # With lookup, a depth-1 draft: a cycle that gains 3+ tokens accepted the lookup branch.
+    shape = (
+        dict(total_tokens=2, depth=1, top_k=2) if lookup else dict(total_tokens=6, depth=2, top_k=3)
+    )
+    cfg = _cfg(tiny_recipe, **shape, temperature=T, top_p=top_p, lookup_tokens=lookup)
     engine = SpecEngine(target, draft, cfg)
     prompt = [3, 17, 9, 25, 11]
+    if (
+        lookup
+    ):  # prompt + its likeliest continuation + prompt: the lookup proposes that continuation
+        likely = target.model.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=6, pad_token_id=0
+        )
+        prompt = likely[0].tolist() + prompt
     p1, p2, p3 = _exact(target, prompt, T, top_p)
     n = 1000
     joint12 = torch.zeros(V, V)
     third = torch.zeros(V)
-    accepted = 0
+    accepted = via_lookup = 0
     for seed in range(n):
         res = engine.generate(prompt, max_new_tokens=3, seed=seed)
         x1, x2, x3 = res.tokens
         joint12[x1, x2] += 1
         third[x3] += 1
         accepted += sum(res.accept_lengths) - res.cycles
+        via_lookup += lookup and max(res.accept_lengths) >= 3
     # The draft must be accepted sometimes, or only the bonus path was tested.
     assert accepted > 0.1 * n, accepted
+    if lookup:
+        assert via_lookup > 0.05 * n, via_lookup
     p12 = p1[:, None] * p2
     p_x3 = (p12[..., None] * p3).sum((0, 1))
     assert _chi2(joint12.flatten(), p12.flatten()) > 1e-3

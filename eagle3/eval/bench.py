@@ -268,6 +268,7 @@ def _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt) -> dict:
             "temperature": temperature,
             # Beyond the contract's keys: the draft may run in another dtype than the target.
             "draft_dtype": str(engine.draft.fc.weight.dtype).removeprefix("torch."),
+            "lookup_tokens": engine.cfg.lookup_tokens,  # prompt-lookup branch per tree; 0: off
         },
         "datasets": report_sets,
         "overall": overall.summary(with_counts=False),
@@ -296,7 +297,8 @@ def print_report(report: dict) -> None:
     title = (
         f"{report['target']} + {Path(report['draft']).name}\n{report['device']}, {report['dtype']}, "
         f"{report['threads']} threads; {d['mode']} total={d['total_tokens']} depth={d['depth']} "
-        f"top_k={d['top_k']} T={d['temperature']} draft={d.get('draft_dtype', report['dtype'])}"
+        f"top_k={d['top_k']} lookup={d.get('lookup_tokens', 0)} T={d['temperature']} "
+        f"draft={d.get('draft_dtype', report['dtype'])}"
     )
     baselines = [
         n for n in DECODERS[1:] if any(n in s["tokens_per_s"] for s in report["datasets"].values())

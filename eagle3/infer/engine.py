@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from eagle3.infer.lookup import graft_chain, prompt_lookup
 from eagle3.infer.runner import Runner, make_runner
 from eagle3.infer.tree import Drafter
 from eagle3.infer.verify import accept_greedy, accept_sample, argmax, sample, warp_probs
@@ -156,6 +157,7 @@ class SpecEngine:
         logits, aux = runner.prefill(ids, last_only=True)
         root = sampler(logits[-1])
         out = [root]
+        context = ids.tolist() + out  # what prompt lookup searches: prompt + output so far
         # Draft prefix: row t = aux(t) + embed(token t + 1); the last row carries the root.
         drafter.extend(aux, torch.cat((ids[1:], ids.new_tensor([root]))), 0)
         t1 = _now(dev)
@@ -164,6 +166,9 @@ class SpecEngine:
         while keep is None:
             ta = _now(dev)
             tree = drafter.grow(root, depth, top_k, total)
+            if self.cfg.lookup_tokens:
+                chain = prompt_lookup(context, self.cfg.lookup_ngram, self.cfg.lookup_tokens)
+                tree = graft_chain(tree, chain)
             tb = _now(dev)
             logits, aux = runner.verify(tree.tokens, tree.positions, tree.mask)
             tc = _now(dev)
@@ -183,11 +188,12 @@ class SpecEngine:
             new = tree.tokens[rows[1:]].tolist() + [bonus]
             m = len(new) - 1  # accepted draft tokens
             # Depth i + 1 was tried when depth i was accepted and the tree reaches that deep
-            # (rows are in creation order, so the last row is on the deepest level).
-            for i in range(min(int(tree.depth[-1]), m + 1)):
+            # (alpha covers the draft's depths; a grafted lookup chain may reach deeper).
+            for i in range(min(int(tree.depth.max()), m + 1, depth)):
                 attempts[i] += 1
                 accepts[i] += i < m
             out.extend(new)
+            context.extend(new)
             lengths.append(len(new))
             keep = stopper.cut(out, len(new))
             td = _now(dev)
