@@ -1,4 +1,5 @@
-"""Decoder settings side by side on one target + head: tok/s, x the first setting (ar), tau.
+"""Decoder settings side by side on one target + head: tok/s, x the first setting (ar), tau,
+draft ms per cycle.
 
     .venv/bin/python benchmarks/decode_sweep.py --config configs/smollm2-135m.yaml --profile full \
         --draft runs/smollm2-135m/draft --datasets mt_bench,gsm8k --skip 8 --limit 2 \
@@ -52,7 +53,7 @@ def main() -> None:
         engines[s] = SpecEngine(target, drafts[dt], recipe.infer, runner=runner)
         runner = engines[s].runner  # one KV cache for all settings
 
-    stats = {s: [0, 0.0, 0, 0] for s in engines}  # tokens, seconds, cycles, emitted
+    stats = {s: [0, 0.0, 0, 0, 0.0] for s in engines}  # tokens, s, cycles, emitted, draft s
     tok = target.tokenizer
     for name in args.datasets.split(","):
         for p in load_eval_prompts(name, args.skip + args.limit, base)[args.skip :]:
@@ -70,15 +71,17 @@ def main() -> None:
                 st[0] += len(res.tokens)
                 st[2] += res.cycles
                 st[3] += sum(res.accept_lengths)
+                st[4] += res.timings["draft"]
             print(f"{p.id}: done", flush=True)
 
     first = next(iter(stats.values()))
     ref_tps = first[0] / first[1]
     print(f"\n{target.name}, {args.threads} thread(s), {args.max_new_tokens} new tokens a prompt")
-    print(f"{'setting':60s} {'tok/s':>7s} {'x first':>8s} {'tau':>5s}")
-    for s, (n, secs, cycles, emitted) in stats.items():
+    print(f"{'setting':60s} {'tok/s':>7s} {'x first':>8s} {'tau':>5s} {'draft ms/cycle':>15s}")
+    for s, (n, secs, cycles, emitted, draft_s) in stats.items():
         tau = emitted / cycles if cycles else 1.0
-        print(f"{s:60s} {n / secs:7.2f} {n / secs / ref_tps:8.2f} {tau:5.2f}")
+        draft_ms = 1000 * draft_s / cycles if cycles else 0.0
+        print(f"{s:60s} {n / secs:7.2f} {n / secs / ref_tps:8.2f} {tau:5.2f} {draft_ms:15.1f}")
 
 
 if __name__ == "__main__":

@@ -82,18 +82,24 @@ def test_greedy_chain_and_ar_equal_hf_generate(tiny_target, tiny_recipe, tiny_tr
         assert engine.generate_ar(ids, max_new_tokens=MAX_NEW).tokens == ref
 
 
-def test_fast_backend_is_lossless_too(tiny_target, tiny_recipe, tiny_trained_head):
-    """The engine takes any Runner: `infer.backend: fast` gives the same greedy output."""
-    engine = SpecEngine(tiny_target, tiny_trained_head, _cfg(tiny_recipe, backend="fast"))
-    assert type(engine.runner).__name__ == "FastRunner"
+def _greedy_taus_equal_to_hf(engine, target) -> list[float]:
+    """tau on two seen prompts and one unseen, each output checked against HF generate."""
     taus = []
     for ids in (
         infer_support.random_prompts(n_seq=2).tolist()
         + infer_support.random_prompts(n_seq=1, seed=7).tolist()
     ):
         res = engine.generate(ids, max_new_tokens=MAX_NEW)
-        assert res.tokens == _hf_greedy(tiny_target, ids, MAX_NEW)
+        assert res.tokens == _hf_greedy(target, ids, MAX_NEW)
         taus.append(res.tau)
+    return taus
+
+
+def test_fast_backend_is_lossless_too(tiny_target, tiny_recipe, tiny_trained_head):
+    """The engine takes any Runner: `infer.backend: fast` gives the same greedy output."""
+    engine = SpecEngine(tiny_target, tiny_trained_head, _cfg(tiny_recipe, backend="fast"))
+    assert type(engine.runner).__name__ == "FastRunner"
+    taus = _greedy_taus_equal_to_hf(engine, tiny_target)
     assert min(taus[:2]) > 2.5, taus  # seen prompts: long paths were accepted and compacted
 
 
@@ -109,14 +115,7 @@ def test_a_bf16_draft_on_an_fp32_target_changes_speed_not_tokens(
     head = load_draft(tmp_path / "head", dtype=draft_dtype(recipe))
     assert head.fc.weight.dtype == torch.bfloat16
     engine = SpecEngine(tiny_target, head, recipe.infer)
-    taus = []
-    for ids in (
-        infer_support.random_prompts(n_seq=2).tolist()
-        + infer_support.random_prompts(n_seq=1, seed=7).tolist()
-    ):
-        res = engine.generate(ids, max_new_tokens=MAX_NEW)
-        assert res.tokens == _hf_greedy(tiny_target, ids, MAX_NEW)
-        taus.append(res.tau)
+    taus = _greedy_taus_equal_to_hf(engine, tiny_target)
     assert min(taus[:2]) > 2.5, taus  # the bf16 head still drafts paths that get accepted
 
 
@@ -226,9 +225,8 @@ def test_sampling_matches_the_target_distribution(small_vocab, tiny_recipe, T, t
     cfg = _cfg(tiny_recipe, **shape, temperature=T, top_p=top_p, lookup_tokens=lookup)
     engine = SpecEngine(target, draft, cfg)
     prompt = [3, 17, 9, 25, 11]
-    if (
-        lookup
-    ):  # prompt + its likeliest continuation + prompt: the lookup proposes that continuation
+    # With lookup: prompt + its likeliest continuation + prompt, so the lookup proposes that.
+    if lookup:
         likely = target.model.generate(
             torch.tensor([prompt]), do_sample=False, max_new_tokens=6, pad_token_id=0
         )

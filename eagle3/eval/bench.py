@@ -154,7 +154,7 @@ def run_bench(
 def _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt) -> dict:
     from eagle3.data.sources import load_eval_prompts
     from eagle3.env import describe_device
-    from eagle3.infer.engine import encode_prompt, load_engine
+    from eagle3.infer.engine import draft_dtype, encode_prompt, load_engine
 
     ev = recipe.eval
     datasets = list(datasets or ev.datasets)
@@ -267,7 +267,7 @@ def _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt) -> dict:
             "top_k": top_k,
             "temperature": temperature,
             # Beyond the contract's keys: the draft may run in another dtype than the target.
-            "draft_dtype": str(engine.draft.fc.weight.dtype).removeprefix("torch."),
+            "draft_dtype": draft_dtype(recipe),
             "lookup_tokens": engine.cfg.lookup_tokens,  # prompt-lookup branch per tree; 0: off
         },
         "datasets": report_sets,
