@@ -27,11 +27,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hf", action="store_true", help="also time HF generate (the bench baseline)")
     ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. infer.backend=fast")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     from eagle3.config import load_recipe
+    from eagle3.eval.bench import _hf_generate
     from eagle3.infer.engine import SpecEngine, draft_dtype, encode_prompt
     from eagle3.models.checkpoint import load_draft
     from eagle3.models.target import load_target
@@ -83,6 +85,16 @@ def main() -> None:
         print(
             f"{name:<24} {'ar':<26} {ar_best:7.1f} {1.0:5.2f} {ms:9.2f} {'':>6} {'100%':>7} {'':>7}"
         )
+        if args.hf:  # HF generate on the same prompts: what `eagle3 bench` divides by
+            hf_best = 0.0
+            for _ in range(args.repeats):
+                tok = sec = 0.0
+                for ids in prompts:
+                    out, s = _hf_generate(target, ids, args.max_new_tokens, 0.0, recipe.infer, None)
+                    tok += len(out)
+                    sec += s
+                hf_best = max(hf_best, tok / sec)
+            print(f"{name:<24} {'hf generate':<26} {hf_best:7.1f} {1.0:5.2f} {1000 / hf_best:9.2f}")
         for label, cfg in variants.items():
             engine.cfg = cfg
             depth, top_k, total = engine.tree_shape()

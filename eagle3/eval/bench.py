@@ -247,7 +247,11 @@ def _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt) -> dict:
                 messages.append(
                     {"role": "assistant", "content": tok.decode(ref, skip_special_tokens=True)}
                 )
-            say(f"{name} {p.id}: tau so far {tally.summary()['tau']}")
+            so_far = tally.summary(with_counts=False)
+            say(
+                f"{name} {p.id}: so far tau {so_far['tau']}, speedup {so_far['speedup']},"
+                f" lossless {so_far['lossless']}"
+            )
         report_sets[name] = tally.summary()
         if tally.mismatches:
             report_sets[name]["mismatches"] = tally.mismatches
