@@ -64,8 +64,9 @@ def main() -> None:
         f"{args.max_new_tokens} new tokens, best of {args.repeats}"
     )
     variants = {
-        "tree": recipe.infer,
-        "chain": recipe.infer.model_copy(update={"mode": "chain"}),
+        "tree": recipe.infer.model_copy(update={"pad_verify": False}),
+        "tree padded": recipe.infer.model_copy(update={"pad_verify": True}),
+        "chain": recipe.infer.model_copy(update={"mode": "chain", "pad_verify": False}),
     }
     header = f"{'prompts':<24} {'decoder':<26} {'tok/s':>7} {'tau':>5} {'ms/cycle':>9} {'draft':>6} {'verify':>7} {'accept':>7}"
     print(header)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from eagle3.infer.lookup import graft_chain, prompt_lookup
+from eagle3.infer.padding import pad_tree, padded_sizes, verify_costs
 from eagle3.infer.runner import Runner, make_runner
 from eagle3.infer.tree import Drafter
 from eagle3.infer.verify import accept_greedy, accept_sample, argmax, sample, warp_probs
@@ -109,6 +110,9 @@ class SpecEngine:
         self.cfg = infer_cfg
         self.runner = runner or make_runner(target, getattr(infer_cfg, "backend", "hf"), capacity)
         self.drafter = Drafter(self.draft, target.embed, capacity) if draft is not None else None
+        # pad_sizes[n - 1]: the row count a tree of n rows is verified at when infer.pad_verify is
+        # on; measured on the first such generate (tests may preset it to force padding).
+        self.pad_sizes: list[int] | None = None
 
     # --- settings -----------------------------------------------------------------------------
     def tree_shape(self) -> tuple[int, int, int]:
@@ -117,6 +121,17 @@ class SpecEngine:
         if c.mode == "chain":
             return c.depth, 1, c.depth
         return c.depth, c.top_k, c.total_tokens
+
+    def max_tree_rows(self) -> int:
+        """The most rows one verify can hold: the root, the draft tree and a lookup chain."""
+        return 1 + self.tree_shape()[2] + self.cfg.lookup_tokens
+
+    def _pad_table(self) -> list[int] | None:
+        if not self.cfg.pad_verify:
+            return None
+        if self.pad_sizes is None:
+            self.pad_sizes = padded_sizes(verify_costs(self.runner, self.max_tree_rows() + 4))
+        return self.pad_sizes
 
     def _args(self, temperature, max_new_tokens, stop):
         c = self.cfg
@@ -147,6 +162,7 @@ class SpecEngine:
         t_draft = t_verify = t_accept = 0.0
         attempts, accepts = [0] * depth, [0] * depth
         lengths: list[int] = []
+        pads = self._pad_table()  # before t0: measured once per engine, not per generation
 
         t0 = _now(dev)
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=dev)
@@ -169,8 +185,11 @@ class SpecEngine:
             if self.cfg.lookup_tokens:
                 chain = prompt_lookup(context, self.cfg.lookup_ngram, self.cfg.lookup_tokens)
                 tree = graft_chain(tree, chain)
+            n = tree.size
+            vt = pad_tree(tree, pads[n - 1]) if pads and n <= len(pads) else tree
             tb = _now(dev)
-            logits, aux = runner.verify(tree.tokens, tree.positions, tree.mask)
+            logits, aux = runner.verify(vt.tokens, vt.positions, vt.mask)
+            logits, aux = logits[:n], aux[:n]  # the padding rows' outputs mean nothing
             tc = _now(dev)
             if temperature > 0:
                 rows, bonus = accept_sample(

@@ -1,0 +1,51 @@
+"""What one target verify costs for n = 1 .. N rows, and the row count eagle3 pads it to.
+
+    .venv/bin/python benchmarks/verify_rows.py --config configs/smollm2-135m.yaml --threads 2 \
+        --rows 20 infer.backend=fast
+
+Prints ms per verify (best of --reps, row counts interleaved) after a --prefix-token prompt, the
+cost relative to one row, and `padded_sizes`' choice (eagle3/infer/padding.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=str(ROOT / "configs" / "smollm2-135m.yaml"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument("--prefix", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. infer.backend=fast")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from eagle3.config import load_recipe
+    from eagle3.infer.padding import padded_sizes, verify_costs
+    from eagle3.infer.runner import make_runner
+    from eagle3.models.target import load_target
+
+    recipe = load_recipe(args.config, args.overrides)
+    target = load_target(recipe.target, recipe.cache_path)
+    runner = make_runner(target, recipe.infer.backend)
+    costs = verify_costs(runner, args.rows, prefix=args.prefix, reps=args.reps)
+    sizes = padded_sizes(costs)
+    print(
+        f"target {target.name}, {recipe.target.dtype}, backend {recipe.infer.backend}, "
+        f"{args.threads} thread(s), {args.prefix}-token prefix, best of {args.reps}"
+    )
+    print(f"{'rows':>4} {'ms':>7} {'x 1 row':>8} {'padded to':>10} {'ms padded':>10}")
+    for n, (c, m) in enumerate(zip(costs, sizes, strict=True), start=1):
+        print(f"{n:4d} {1e3 * c:7.1f} {c / costs[0]:8.2f} {m:10d} {1e3 * costs[m - 1]:10.1f}")
+
+
+if __name__ == "__main__":
+    main()
