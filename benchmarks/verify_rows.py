@@ -4,7 +4,9 @@
         --rows 20 infer.backend=fast
 
 Prints ms per verify (best of --reps, row counts interleaved) after a --prefix-token prompt, the
-cost relative to one row, and `padded_sizes`' choice (eagle3/infer/padding.py).
+cost relative to one row, and `padded_sizes`' choice (eagle3/infer/padding.py). The defaults are
+the engine's own (its prefix, and the rows its tree shape needs), but every call measures anew:
+on a noisy machine two tables can differ where two row counts cost nearly the same.
 """
 
 from __future__ import annotations
@@ -21,22 +23,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(ROOT / "configs" / "smollm2-135m.yaml"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rows", type=int, default=20)
-    ap.add_argument("--prefix", type=int, default=256)
+    ap.add_argument("--rows", type=int, help="default: what the recipe's tree shape needs")
+    ap.add_argument("--prefix", type=int, help="cached tokens (default: the engine's)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. infer.backend=fast")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     from eagle3.config import load_recipe
-    from eagle3.infer.padding import padded_sizes, verify_costs
-    from eagle3.infer.runner import make_runner
+    from eagle3.infer.engine import PAD_HEADROOM, SpecEngine
+    from eagle3.infer.padding import PREFIX, padded_sizes, verify_costs
     from eagle3.models.target import load_target
 
     recipe = load_recipe(args.config, args.overrides)
     target = load_target(recipe.target, recipe.cache_path)
-    runner = make_runner(target, recipe.infer.backend)
-    costs = verify_costs(runner, args.rows, prefix=args.prefix, reps=args.reps)
+    engine = SpecEngine(target, None, recipe.infer)
+    rows = args.rows or engine.max_tree_rows() + PAD_HEADROOM
+    args.prefix = args.prefix or PREFIX
+    costs = verify_costs(engine.runner, target.device, rows, prefix=args.prefix, reps=args.reps)
     sizes = padded_sizes(costs)
     print(
         f"target {target.name}, {recipe.target.dtype}, backend {recipe.infer.backend}, "

@@ -196,8 +196,8 @@ class InferConfig(Section):
     # context's suffix n-gram (n <= lookup_ngram) join each tree as one more branch. 0: off.
     lookup_tokens: int = Field(default=0, ge=0)
     lookup_ngram: int = Field(default=3, ge=1)
-    # Verify each tree at the cheapest row count >= its size, measured on this machine when the
-    # engine starts (eagle3/infer/padding.py): CPU BLAS costs are not monotone in the row count.
+    # Verify each tree at the cheapest row count >= its size, measured on this machine on the
+    # engine's first generation (eagle3/infer/padding.py): CPU BLAS cost is not monotone in rows.
     pad_verify: bool = False
     temperature: float = Field(default=0.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)

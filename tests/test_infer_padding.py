@@ -6,11 +6,12 @@ from __future__ import annotations
 import random
 
 import infer_support
+import pytest
 import torch
 
 from eagle3.infer.engine import SpecEngine
 from eagle3.infer.lookup import graft_chain
-from eagle3.infer.padding import pad_tree, padded_sizes
+from eagle3.infer.padding import pad_tree, padded_sizes, verify_costs
 from eagle3.infer.runner import make_runner
 from eagle3.infer.tree import Drafter
 from eagle3.models.draft import DraftConfig, Eagle3Draft
@@ -65,6 +66,18 @@ def test_a_padded_verify_gives_the_unpadded_rows_and_keeps_the_same_cache(tiny_t
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def _record_widths(runner) -> list[int]:
+    """Wrap runner.verify to log each verify's row count."""
+    widths, verify = [], runner.verify
+
+    def logged(tokens, positions, mask):
+        widths.append(tokens.numel())
+        return verify(tokens, positions, mask)
+
+    runner.verify = logged
+    return widths
+
+
 def test_engine_with_padding_equals_hf_generate(tiny_target, tiny_recipe, tiny_trained_head):
     from test_infer_engine import MAX_NEW, _hf_greedy
 
@@ -76,11 +89,15 @@ def test_engine_with_padding_equals_hf_generate(tiny_target, tiny_recipe, tiny_t
         )
         engine = SpecEngine(tiny_target, tiny_trained_head, cfg)
         engine.pad_sizes = [n + 3 for n in range(1, engine.max_tree_rows() + 1)]  # always pad
+        widths = _record_widths(engine.runner)
         for ids in infer_support.random_prompts(n_seq=3, prompt_len=11, seed=5).tolist():
             ids = ids + ids[:6]
             assert engine.generate(ids, max_new_tokens=MAX_NEW).tokens == _hf_greedy(
                 tiny_target, ids, MAX_NEW
             )
+        # Every verify ran padded: a tree holds 1 + total_tokens rows, plus the lookup chain.
+        assert widths and all(w - 3 in range(5, engine.max_tree_rows() + 1) for w in widths)
+        assert len(set(widths)) > 1  # trees with and without a lookup chain
 
 
 def test_pad_verify_measures_a_table_for_every_tree_size(
@@ -98,3 +115,20 @@ def test_pad_verify_measures_a_table_for_every_tree_size(
     sizes = engine.pad_sizes
     assert len(sizes) >= engine.max_tree_rows()
     assert all(m >= n for n, m in enumerate(sizes, start=1))
+    # A wider tree than the table covers gets a new table.
+    engine.cfg = cfg.model_copy(update=dict(lookup_tokens=12))
+    engine.generate(ids, max_new_tokens=4)
+    assert len(engine.pad_sizes) >= engine.max_tree_rows() > len(sizes)
+
+
+def test_measuring_costs_leaves_the_runner_empty_and_working(tiny_target):
+    ids = torch.tensor(infer_support.random_prompts(n_seq=1)[0].tolist())
+    for backend in ("hf", "fast"):
+        runner = make_runner(tiny_target, backend)
+        costs = verify_costs(runner, tiny_target.device, rows=6, prefix=16, reps=2)
+        assert len(costs) == 6 and all(c > 0 for c in costs)
+        assert runner.cache_len == 0
+        fresh = make_runner(tiny_target, backend)
+        torch.testing.assert_close(runner.prefill(ids)[0], fresh.prefill(ids)[0])
+    with pytest.raises(ValueError, match="rows must be >= 1"):
+        verify_costs(runner, tiny_target.device, rows=0)

@@ -12,14 +12,13 @@ the first token, sampled from the prefill, counts in neither).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from eagle3.infer.lookup import graft_chain, prompt_lookup
 from eagle3.infer.padding import pad_tree, padded_sizes, verify_costs
-from eagle3.infer.runner import Runner, make_runner
+from eagle3.infer.runner import Runner, make_runner, synced_time
 from eagle3.infer.tree import Drafter
 from eagle3.infer.verify import accept_greedy, accept_sample, argmax, sample, warp_probs
 
@@ -45,10 +44,7 @@ class GenerationResult:
         return len(self.tokens) / t if t > 0 else 0.0
 
 
-def _now(device) -> float:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
+_now = synced_time
 
 
 class _Sampler:
@@ -99,6 +95,10 @@ class _Stopper:
         return None
 
 
+# A tree may be verified up to this many rows wider than it is, when that is cheaper.
+PAD_HEADROOM = 4
+
+
 class SpecEngine:
     """EAGLE-3 speculative decoding for batch 1 on any Runner."""
 
@@ -111,8 +111,10 @@ class SpecEngine:
         self.runner = runner or make_runner(target, getattr(infer_cfg, "backend", "hf"), capacity)
         self.drafter = Drafter(self.draft, target.embed, capacity) if draft is not None else None
         # pad_sizes[n - 1]: the row count a tree of n rows is verified at when infer.pad_verify is
-        # on; measured on the first such generate (tests may preset it to force padding).
+        # on; measured on the first such generate (tests may preset it to force padding), again
+        # when a larger tree or another thread count needs it.
         self.pad_sizes: list[int] | None = None
+        self._pad_threads = 0
 
     # --- settings -----------------------------------------------------------------------------
     def tree_shape(self) -> tuple[int, int, int]:
@@ -127,10 +129,17 @@ class SpecEngine:
         return 1 + self.tree_shape()[2] + self.cfg.lookup_tokens
 
     def _pad_table(self) -> list[int] | None:
+        """The verify row counts for infer.pad_verify (None when off); measures them when the
+        table is missing, too short for this tree shape, or from another thread count."""
         if not self.cfg.pad_verify:
             return None
-        if self.pad_sizes is None:
-            self.pad_sizes = padded_sizes(verify_costs(self.runner, self.max_tree_rows() + 4))
+        rows = self.max_tree_rows() + PAD_HEADROOM
+        threads = torch.get_num_threads()
+        preset = self.pad_sizes is not None and not self._pad_threads
+        stale = self.pad_sizes is None or len(self.pad_sizes) < rows
+        if not preset and (stale or threads != self._pad_threads):
+            costs = verify_costs(self.runner, self.target.device, rows)
+            self.pad_sizes, self._pad_threads = padded_sizes(costs), threads
         return self.pad_sizes
 
     def _args(self, temperature, max_new_tokens, stop):
@@ -186,9 +195,9 @@ class SpecEngine:
                 chain = prompt_lookup(context, self.cfg.lookup_ngram, self.cfg.lookup_tokens)
                 tree = graft_chain(tree, chain)
             n = tree.size
-            vt = pad_tree(tree, pads[n - 1]) if pads and n <= len(pads) else tree
+            verified = pad_tree(tree, pads[n - 1]) if pads and n <= len(pads) else tree
             tb = _now(dev)
-            logits, aux = runner.verify(vt.tokens, vt.positions, vt.mask)
+            logits, aux = runner.verify(verified.tokens, verified.positions, verified.mask)
             logits, aux = logits[:n], aux[:n]  # the padding rows' outputs mean nothing
             tc = _now(dev)
             if temperature > 0:

@@ -8,21 +8,22 @@ the prefix and themselves, their logits are dropped, and their cache rows are ne
 real rows' logits are those of an unpadded verify (up to BLAS rounding for the other shape, the
 same freedom every batched verify already takes against one-row decoding).
 
-The cost table is measured on the runner itself, at engine start, because it belongs to the
-machine, the thread count and the dtype (on a GPU it is nearly flat and padding stays off by
-itself).
+The cost table is measured on the runner itself, on the engine's first generation with padding on
+(a few seconds on a CPU: every row count, 5 times), because it belongs to the machine, the thread
+count and the dtype (on a GPU it is nearly flat and padding stays off by itself).
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
 
+from eagle3.infer.runner import synced_time
 from eagle3.infer.tree import Tree
 
+PREFIX = 128  # cached tokens under the timed verifies: a short chat prompt
 
-def verify_costs(runner, rows: int, prefix: int = 128, reps: int = 5) -> list[float]:
+
+def verify_costs(runner, device, rows: int, prefix: int = PREFIX, reps: int = 5) -> list[float]:
     """Seconds of one verify over n = 1 .. rows causal rows after a `prefix`-token prompt.
 
     Row counts are interleaved across repetitions (so load on the machine hits them alike) and
@@ -30,7 +31,7 @@ def verify_costs(runner, rows: int, prefix: int = 128, reps: int = 5) -> list[fl
     """
     if rows < 1:
         raise ValueError(f"verify_costs: rows must be >= 1 (got {rows})")
-    dev = runner.device
+    dev = torch.device(device)
     runner.reset()
     # Token ids do not change what a dense forward costs; id 0 exists in every vocabulary.
     runner.prefill(torch.zeros(prefix, dtype=torch.long, device=dev), last_only=True)
@@ -40,18 +41,12 @@ def verify_costs(runner, rows: int, prefix: int = 128, reps: int = 5) -> list[fl
             tokens = torch.zeros(n, dtype=torch.long, device=dev)
             pos = torch.arange(prefix, prefix + n, device=dev)
             mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
-            t0 = _sync_time(dev)
+            t0 = synced_time(dev)
             runner.verify(tokens, pos, mask)
-            best[n - 1] = min(best[n - 1], _sync_time(dev) - t0)
+            best[n - 1] = min(best[n - 1], synced_time(dev) - t0)
             runner.keep(torch.zeros(0, dtype=torch.long, device=dev))
     runner.reset()
     return best
-
-
-def _sync_time(device) -> float:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def padded_sizes(costs: list[float], margin: float = 0.05) -> list[int]:

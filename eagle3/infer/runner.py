@@ -25,9 +25,17 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 from typing import Protocol, runtime_checkable
 
 import torch
+
+
+def synced_time(device) -> float:
+    """perf_counter after the device's queued work is done (CUDA runs asynchronously)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 @runtime_checkable
