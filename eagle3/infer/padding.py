@@ -10,7 +10,8 @@ same freedom every batched verify already takes against one-row decoding).
 
 The cost table is measured on the runner itself, on the engine's first generation with padding on
 (a few seconds on a CPU: every row count, 5 times), because it belongs to the machine, the thread
-count and the dtype (on a GPU it is nearly flat and padding stays off by itself).
+count and the dtype. Padding applies only where a wider verify measured cheaper; whether that
+ever happens on a GPU has not been measured.
 """
 
 from __future__ import annotations
