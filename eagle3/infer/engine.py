@@ -44,9 +44,6 @@ class GenerationResult:
         return len(self.tokens) / t if t > 0 else 0.0
 
 
-_now = synced_time
-
-
 class _Sampler:
     """Greedy at temperature 0, else the warped distribution with a seeded generator."""
 
@@ -173,7 +170,7 @@ class SpecEngine:
         lengths: list[int] = []
         pads = self._pad_table()  # before t0: measured once per engine, not per generation
 
-        t0 = _now(dev)
+        t0 = synced_time(dev)
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=dev)
         if ids.ndim != 1 or ids.numel() == 0:
             raise ValueError("generate: input_ids must be a non-empty list of token ids")
@@ -185,21 +182,21 @@ class SpecEngine:
         context = ids.tolist() + out  # what prompt lookup searches: prompt + output so far
         # Draft prefix: row t = aux(t) + embed(token t + 1); the last row carries the root.
         drafter.extend(aux, torch.cat((ids[1:], ids.new_tensor([root]))), 0)
-        t1 = _now(dev)
+        t1 = synced_time(dev)
         t_prefill = t1 - t0
         keep = stopper.cut(out, 1)
         while keep is None:
-            ta = _now(dev)
+            ta = synced_time(dev)
             tree = drafter.grow(root, depth, top_k, total)
             if self.cfg.lookup_tokens:
                 chain = prompt_lookup(context, self.cfg.lookup_ngram, self.cfg.lookup_tokens)
                 tree = graft_chain(tree, chain)
             n = tree.size
             verified = pad_tree(tree, pads[n - 1]) if pads and n <= len(pads) else tree
-            tb = _now(dev)
+            tb = synced_time(dev)
             logits, aux = runner.verify(verified.tokens, verified.positions, verified.mask)
             logits, aux = logits[:n], aux[:n]  # the padding rows' outputs mean nothing
-            tc = _now(dev)
+            tc = synced_time(dev)
             if temperature > 0:
                 rows, bonus = accept_sample(
                     tree,
@@ -224,17 +221,17 @@ class SpecEngine:
             context.extend(new)
             lengths.append(len(new))
             keep = stopper.cut(out, len(new))
-            td = _now(dev)
+            td = synced_time(dev)
             if keep is None:
                 # Feed the accepted rows' features to the draft (part of the next draft phase).
                 start = drafter.cache.length
                 drafter.extend(aux[rows], torch.as_tensor(new, device=dev), start)
                 root = bonus
-            te = _now(dev)
+            te = synced_time(dev)
             t_draft += tb - ta + te - td
             t_verify += tc - tb
             t_accept += td - tc
-        total_t = _now(dev) - t0
+        total_t = synced_time(dev) - t0
         out = out[:keep]
         timings = dict(
             prefill=t_prefill, draft=t_draft, verify=t_verify, accept=t_accept, total=total_t
@@ -256,14 +253,14 @@ class SpecEngine:
         sampler = _Sampler(temperature, self.cfg.top_p, self.cfg.top_k_sampling, seed)
         stopper = _Stopper(self.target.eos_token_ids, stop, self.target.tokenizer, max_new)
         runner, dev = self.runner, self.target.device
-        t0 = _now(dev)
+        t0 = synced_time(dev)
         runner.reset()
         logits, _ = runner.prefill(
             torch.as_tensor(input_ids, dtype=torch.long, device=dev), last_only=True
         )
         tok = sampler(logits[-1])
         out = [tok]
-        t_prefill = _now(dev) - t0
+        t_prefill = synced_time(dev) - t0
         one = torch.ones(1, 1, dtype=torch.bool, device=dev)
         row0 = torch.zeros(1, dtype=torch.long, device=dev)
         keep = stopper.cut(out, 1)
@@ -274,7 +271,7 @@ class SpecEngine:
             tok = sampler(logits[0])
             out.append(tok)
             keep = stopper.cut(out, 1)
-        total_t = _now(dev) - t0
+        total_t = synced_time(dev) - t0
         steps = len(out) - 1
         timings = dict(
             prefill=t_prefill, draft=0.0, verify=total_t - t_prefill, accept=0.0, total=total_t
