@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/regen_throughput.py                       # SmolLM2-135M, batch 8
     .venv/bin/python benchmarks/regen_throughput.py --config configs/tiny.yaml --prompts 8
+    .venv/bin/python benchmarks/regen_throughput.py --modes continuous --batch-size 8 16 32 64 \
+        --prompts 64 --max-new-tokens 128 --threads 2          # which batch size to regenerate at
 
 Prompts are ShareGPT first turns (the data the pipeline regenerates), rendered with the target's chat
 template and sorted by length as the pipeline sorts them. Three ways to answer the same prompts:
@@ -28,7 +30,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/smollm2-135m.yaml")
     ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument(
+        "--batch-size", type=int, nargs="+", default=[8], help="one or more (continuous mode)"
+    )
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        default=["continuous", "static batch", "one-at-a-time"],
+        choices=["continuous", "static batch", "one-at-a-time"],
+    )
     ap.add_argument(
         "--max-new-tokens",
         type=int,
@@ -68,17 +78,22 @@ def main() -> None:
         if len(prompts) == args.prompts:
             break
     prompts.sort(key=len)
-    bs, n = args.batch_size, args.max_new_tokens or recipe.data.max_new_tokens
+    bs, n = args.batch_size[0], args.max_new_tokens or recipe.data.max_new_tokens
     limits = [n] * len(prompts)
-    modes = {
-        "continuous": lambda: answer_prompts(target, prompts, limits, bs),
-        "static batch": lambda: [
+    modes = {}
+    for b in args.batch_size if "continuous" in args.modes else []:
+        name = "continuous" if len(args.batch_size) == 1 else f"continuous {b}"
+        modes[name] = lambda b=b: answer_prompts(target, prompts, limits, b)
+    if "static batch" in args.modes:
+        modes["static batch"] = lambda: [
             r
             for g in range(0, len(prompts), bs)
             for r in generate_static(target, prompts[g : g + bs], limits[g : g + bs], 0.0, 0)
-        ],
-        "one-at-a-time": lambda: [generate_static(target, [p], [n], 0.0, 0)[0] for p in prompts],
-    }
+        ]
+    if "one-at-a-time" in args.modes:
+        modes["one-at-a-time"] = lambda: [
+            generate_static(target, [p], [n], 0.0, 0)[0] for p in prompts
+        ]
     tokens, seconds, outs = {}, {}, {}
     for name, run in modes.items():
         t = time.perf_counter()
@@ -86,19 +101,21 @@ def main() -> None:
         seconds[name] = time.perf_counter() - t
         tokens[name] = sum(len(ids) for ids, _ in outs[name])
         print(f"  {name}: {tokens[name]} tok in {seconds[name]:.1f} s", flush=True)
-    same = all(outs[k] == outs["one-at-a-time"] for k in outs)
+    first = next(iter(outs.values()))
+    same = all(o == first for o in outs.values())
 
     rate = {k: tokens[k] / seconds[k] for k in tokens}
     lens = [len(p) for p in prompts]
     print(
         f"\n{target.name} on {describe_device(str(target.device))}, {torch.get_num_threads()} "
         f"threads, dtype {target.dtype}; {len(prompts)} prompts of {min(lens)}-{max(lens)} tokens, "
-        f"max_new_tokens {n}, batch {bs}"
+        f"max_new_tokens {n}, batch {' '.join(map(str, args.batch_size))}"
     )
-    print(f"{'mode':<15}{'new tokens':>12}{'seconds':>10}{'tokens/s':>10}{'vs one':>8}")
+    ref = "one-at-a-time" if "one-at-a-time" in rate else next(iter(rate))
+    print(f"{'mode':<16}{'new tokens':>12}{'seconds':>10}{'tokens/s':>10}{'vs ' + ref:>18}")
     for k in reversed(modes):
-        x = rate[k] / rate["one-at-a-time"]
-        print(f"{k:<15}{tokens[k]:>12}{seconds[k]:>10.1f}{rate[k]:>10.1f}{x:>7.2f}x")
+        x = rate[k] / rate[ref]
+        print(f"{k:<16}{tokens[k]:>12}{seconds[k]:>10.1f}{rate[k]:>10.1f}{x:>17.2f}x")
     print(f"same greedy tokens in all modes: {same}")
 
 
