@@ -122,7 +122,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from eagle3.models.checkpoint import check_checkpoint
+    from eagle3.models.checkpoint import check_checkpoint, read_raw_config
+    from eagle3.models.speculators import is_speculators
 
     problems = check_checkpoint(args.dir)
     if problems:
@@ -130,18 +131,26 @@ def cmd_check(args) -> int:
         for p in problems:
             print(f"  - {p}")
         return EXIT_FAIL
-    print(f"{args.dir}: OK (EAGLE-3 draft checkpoint, contract §3)")
+    fmt = "speculators format" if is_speculators(read_raw_config(args.dir)) else "portable format"
+    print(f"{args.dir}: OK (EAGLE-3 draft checkpoint, contract §3, {fmt})")
     return EXIT_OK
 
 
 def cmd_export(args) -> int:
     _need_dir(args.draft, "--draft")
+    from eagle3.models.checkpoint import read_raw_config
     from eagle3.models.export import export_checkpoint
+    from eagle3.models.speculators import is_speculators
 
     out = export_checkpoint(
         args.draft, args.format, args.out, verifier=args.verifier, dtype=args.dtype
     )
-    print(f"exported for {args.format}: {out}")
+    cfg = read_raw_config(out)
+    if is_speculators(cfg):
+        verifier = cfg["speculators_config"]["verifier"]["name_or_path"]
+        print(f"exported for {args.format}: {out} ({cfg['torch_dtype']}, verifier {verifier})")
+    else:
+        print(f"exported for {args.format}: {out} ({cfg['torch_dtype']})")
     return EXIT_OK
 
 
@@ -233,8 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", required=True)
     p.add_argument("--format", required=True, choices=["sglang", "vllm"])
     p.add_argument("--out", required=True)
-    p.add_argument("--verifier", help="target model id or path the engine pairs it with")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument(
+        "--verifier",
+        help="target model id or path the engine pairs it with (vllm format; default: the "
+        "target the checkpoint records, eagle3.target)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="default: the target's dtype the checkpoint records (eagle3.target_dtype), else "
+        "the checkpoint's",
+    )
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("stack", help="the local stack on loopback: Prefect, MLflow, S3")

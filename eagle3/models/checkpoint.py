@@ -2,7 +2,8 @@
 
 A directory with config.json (LlamaConfig-shaped, architectures LlamaForCausalLMEagle3) and
 model.safetensors. It loads unchanged in SGLang and vLLM; `check_checkpoint` lists every way a
-directory departs from the contract.
+directory departs from the contract. A speculators-format directory (speculators.py) is read and
+checked as well; layer variants we do not compute (variants.py) are refused by name.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 
 import torch
 
+from eagle3.models import speculators as spec
 from eagle3.models.draft import ARCHITECTURE, DraftConfig, Eagle3Draft, default_aux_layer_ids
+from eagle3.models.variants import unsupported_variants
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -89,6 +92,7 @@ def draft_config_from_hf(cfg: dict[str, Any]) -> DraftConfig:
         sgl = (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
         aux = [i + 1 for i in sgl] if sgl is not None else None
     dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+    rope = spec.rope_fields(cfg)
     return DraftConfig(
         hidden_size=cfg["hidden_size"],
         intermediate_size=cfg.get("intermediate_size", 4 * cfg["hidden_size"]),
@@ -99,8 +103,8 @@ def draft_config_from_hf(cfg: dict[str, Any]) -> DraftConfig:
         draft_vocab_size=cfg.get("draft_vocab_size") or cfg["vocab_size"],
         target_hidden_size=cfg.get("target_hidden_size") or cfg["hidden_size"],
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=cfg.get("rope_theta", 10000.0),
-        rope_scaling=cfg.get("rope_scaling"),
+        rope_theta=rope.get("rope_theta", 10000.0),
+        rope_scaling=rope.get("rope_scaling"),
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         torch_dtype=dtype if dtype in DTYPES else "float32",
         aux_layer_ids=list(aux) if aux is not None else None,
@@ -108,11 +112,15 @@ def draft_config_from_hf(cfg: dict[str, Any]) -> DraftConfig:
     )
 
 
-def expected_tensors(c: DraftConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def expected_tensors(
+    c: DraftConfig, layer_prefix: str = spec.LEGACY_PREFIX
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype); the decoder layer under `midlayer.` (portable) or `layers.0.`
+    (speculators format)."""
     H, Ht, I = c.hidden_size, c.target_hidden_size, c.intermediate_size  # noqa: E741
     n, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     f = DTYPES[c.torch_dtype]
-    p = "midlayer."
+    p = layer_prefix
     return {
         "fc.weight": ((H, 3 * Ht), f),
         p + "hidden_norm.weight": ((H,), f),
@@ -144,29 +152,26 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_draft(
-    draft: Eagle3Draft, out_dir: str | Path, dtype: str | None = None, extra: dict | None = None
-) -> Path:
-    """Write the portable checkpoint atomically; `extra` merges into the config's `eagle3` block."""
+def draft_tensors(draft: Eagle3Draft, dtype: str) -> dict[str, torch.Tensor]:
+    """The state dict on the CPU in `dtype` (d2t stays int64, t2d bool), contiguous."""
+    f = DTYPES[dtype]
+    out = {}
+    for k, v in draft.state_dict().items():
+        v = v.detach().to("cpu")
+        out[k] = v.to(torch.int64 if k == "d2t" else torch.bool if k == "t2d" else f).contiguous()
+    return out
+
+
+def write_checkpoint(out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg: dict) -> Path:
+    """config.json + model.safetensors, written to a temp dir and swapped into place."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    c = draft.config
-    dtype = dtype or c.torch_dtype
-    cfg = DraftConfig(
-        **{**c.to_dict(), "torch_dtype": dtype, "eagle3": {**c.eagle3, **(extra or {})}}
-    )
-    f = DTYPES[dtype]
-    tensors = {}
-    for k, v in draft.state_dict().items():
-        v = v.detach().to("cpu")
-        tensors[k] = v.to(torch.int64 if k == "d2t" else torch.bool if k == "t2d" else f)
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -174,15 +179,47 @@ def save_draft(
     return out
 
 
+def with_dtype(c: DraftConfig, dtype: str | None = None, extra: dict | None = None) -> DraftConfig:
+    """A copy of the config in another dtype, with `extra` merged into its `eagle3` block."""
+    eagle3 = {**c.eagle3, **(extra or {})}
+    return DraftConfig(**{**c.to_dict(), "torch_dtype": dtype or c.torch_dtype, "eagle3": eagle3})
+
+
+def save_draft(
+    draft: Eagle3Draft, out_dir: str | Path, dtype: str | None = None, extra: dict | None = None
+) -> Path:
+    """Write the portable checkpoint atomically; `extra` merges into the config's `eagle3` block."""
+    cfg = with_dtype(draft.config, dtype, extra)
+    return write_checkpoint(out_dir, draft_tensors(draft, cfg.torch_dtype), hf_config(cfg))
+
+
 # --- reading ------------------------------------------------------------------------------------
-def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
+def read_raw_config(ckpt_dir: str | Path) -> dict[str, Any]:
+    """config.json as written, in either format."""
     path = Path(ckpt_dir) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return cfg
+
+
+def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
+    """The LlamaForCausalLMEagle3 config: config.json itself, or the portable view of a
+    speculators-format one (speculators.portable_view)."""
+    raw = read_raw_config(ckpt_dir)
+    return spec.portable_view(raw) if spec.is_speculators(raw) else raw
+
+
+def refusals(raw: dict[str, Any]) -> list[str]:
+    """Why a config cannot be loaded as the layer eagle3 computes (named; empty when it can)."""
+    if spec.is_speculators(raw):
+        return spec.refusals(raw) + unsupported_variants(spec.portable_view(raw))
+    return unsupported_variants(raw)
 
 
 def read_tensors(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -196,23 +233,37 @@ def read_tensors(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
         raw = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
         raise CheckpointError(f"{d} holds neither {WEIGHTS_FILE} nor pytorch_model.bin")
-    # Some exports name the decoder layer `layers.0.` or prefix `model.`.
+    # speculators and some exports name the decoder layer `layers.0.` or prefix `model.`.
     out = {}
     for k, v in raw.items():
         k = k.removeprefix("model.")
-        if k.startswith("layers.0."):
-            k = "midlayer." + k.removeprefix("layers.0.")
+        if k.startswith(spec.LAYER_PREFIX):
+            k = spec.LEGACY_PREFIX + k.removeprefix(spec.LAYER_PREFIX)
         out[k] = v
     return out
+
+
+# Tensors a checkpoint may carry that are not part of the head: the target's embedding (a frozen
+# copy), and the verifier's norm and lm_head that speculators keeps for training.
+_NOT_THE_HEAD = ("embed_tokens.weight", "verifier_norm.weight", "verifier_lm_head.weight")
 
 
 def load_draft(
     ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: str | None = None
 ) -> Eagle3Draft:
-    cfg = read_config(ckpt_dir)
-    c = draft_config_from_hf(cfg)
+    """The head in `ckpt_dir` (portable or speculators format); CheckpointError naming every
+    variant it would compute that eagle3 does not."""
+    raw = read_raw_config(ckpt_dir)
+    refused = refusals(raw)
+    if refused:
+        raise CheckpointError(
+            f"{ckpt_dir}: refused, not the EAGLE-3 layer eagle3 computes:\n  - "
+            + "\n  - ".join(refused)
+        )
+    c = draft_config_from_hf(spec.portable_view(raw) if spec.is_speculators(raw) else raw)
     tensors = read_tensors(ckpt_dir)
-    tensors.pop("embed_tokens.weight", None)  # public checkpoints may carry the target's embedding
+    for name in _NOT_THE_HEAD:
+        tensors.pop(name, None)
     if "t2d" not in tensors and c.draft_vocab_size == c.vocab_size:
         tensors["t2d"] = torch.ones(c.vocab_size, dtype=torch.bool)
         tensors["d2t"] = torch.zeros(c.vocab_size, dtype=torch.long)
@@ -234,16 +285,19 @@ def load_draft(
 
 # --- validation ---------------------------------------------------------------------------------
 def check_checkpoint(ckpt_dir: str | Path) -> list[str]:
-    """Every departure from CONTRACTS.md §3, as readable lines; empty when the checkpoint is valid."""
+    """Every departure from CONTRACTS.md §3 (or from the speculators format, for such a
+    directory), as readable lines; empty when the checkpoint is valid."""
     d = Path(ckpt_dir)
-    problems: list[str] = []
     if not d.is_dir():
         return [f"{d}: not a directory"]
     try:
-        cfg = read_config(d)
+        raw = read_raw_config(d)
     except CheckpointError as e:
         return [str(e)]
-    problems += _check_config(cfg)
+    speculators = spec.is_speculators(raw)
+    cfg = spec.portable_view(raw) if speculators else raw
+    problems = spec.refusals(raw) + spec.structure_problems(raw) if speculators else []
+    problems += _check_config(cfg) + unsupported_variants(cfg)
     if not (d / WEIGHTS_FILE).is_file():
         return problems + [f"{WEIGHTS_FILE}: missing"]
     try:
@@ -259,8 +313,28 @@ def check_checkpoint(ckpt_dir: str | Path) -> list[str]:
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
     except Exception as e:  # safetensors raises several types for a damaged file
         return problems + [f"{WEIGHTS_FILE}: cannot be read: {e}"]
-    problems += _check_tensors(c, tensors)
+    if speculators:
+        problems += _legacy_names(tensors)
+        tensors = {spec.speculators_name(k): v for k, v in tensors.items()}
+        emb = tensors.pop("embed_tokens.weight", None)  # speculators may keep a frozen copy
+        if emb is not None and tuple(emb.shape) != (c.vocab_size, c.hidden_size):
+            problems.append(
+                f"{WEIGHTS_FILE}: tensor embed_tokens.weight has shape {list(emb.shape)}"
+            )
+    prefix = spec.LAYER_PREFIX if speculators else spec.LEGACY_PREFIX
+    problems += _check_tensors(c, tensors, prefix)
     return problems
+
+
+def _legacy_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    legacy = sorted(k for k in tensors if k.startswith(spec.LEGACY_PREFIX))
+    if not legacy:
+        return []
+    return [
+        f"{WEIGHTS_FILE}: {len(legacy)} tensors named {spec.LEGACY_PREFIX}* (e.g. {legacy[0]}); "
+        f"speculators {spec.VERSION} names the decoder layer {spec.LAYER_PREFIX}* and its "
+        "Eagle3DraftModel would initialise that layer afresh (vLLM reads both): export it again"
+    ]
 
 
 def _check_config(cfg: dict[str, Any]) -> list[str]:
@@ -269,12 +343,10 @@ def _check_config(cfg: dict[str, Any]) -> list[str]:
         p.append(
             f"config.json: architectures must be [{ARCHITECTURE!r}], got {cfg.get('architectures')!r}"
         )
-    if cfg.get("model_type") != "llama":
-        p.append(f"config.json: model_type must be 'llama', got {cfg.get('model_type')!r}")
-    if cfg.get("num_hidden_layers") != 1:
-        p.append(f"config.json: num_hidden_layers must be 1, got {cfg.get('num_hidden_layers')!r}")
-    if cfg.get("hidden_act") != "silu":
-        p.append(f"config.json: hidden_act must be 'silu', got {cfg.get('hidden_act')!r}")
+    # Other values of these three are variants (variants.py), reported there by name.
+    for key in ("model_type", "num_hidden_layers", "hidden_act"):
+        if key not in cfg:
+            p.append(f"config.json: {key} is missing")
     if cfg.get("tie_word_embeddings") is not False:
         p.append("config.json: tie_word_embeddings must be false")
     for key in _CONFIG_FIELDS:
@@ -311,12 +383,9 @@ def _check_aux_fields(cfg: dict[str, Any]) -> list[str]:
         )
         return [f"config.json: custom aux layers need both id lists; {which} is missing"]
     p = []
-    ok = all(
-        isinstance(x, list) and len(x) == 3 and all(isinstance(i, int) for i in x)
-        for x in (top, sgl)
-    )
-    if not ok:
-        return ["config.json: aux layer id lists must hold 3 integers each"]
+    ok = all(isinstance(x, list) and all(isinstance(i, int) for i in x) for x in (top, sgl))
+    if not ok:  # a count other than 3 is a variant (variants.py)
+        return ["config.json: aux layer id lists must hold integers"]
     if [i - 1 for i in top] != list(sgl):
         p.append(
             f"config.json: eagle_config.eagle_aux_hidden_state_layer_ids {sgl} must equal "
@@ -333,9 +402,11 @@ def _check_aux_fields(cfg: dict[str, Any]) -> list[str]:
     return p
 
 
-def _check_tensors(c: DraftConfig, tensors: dict[str, torch.Tensor]) -> list[str]:
+def _check_tensors(
+    c: DraftConfig, tensors: dict[str, torch.Tensor], layer_prefix: str = spec.LEGACY_PREFIX
+) -> list[str]:
     p = []
-    expected = expected_tensors(c)
+    expected = expected_tensors(c, layer_prefix)
     for name, (shape, dtype) in expected.items():
         if name not in tensors:
             p.append(f"{WEIGHTS_FILE}: tensor {name} is missing")

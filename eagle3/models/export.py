@@ -1,73 +1,84 @@
-"""Exports of the portable checkpoint for serving engines.
+"""Exports of a draft checkpoint for serving engines.
 
-- sglang: the portable checkpoint as it is (SGLang reads LlamaForCausalLMEagle3 configs, and custom
-  aux layers from `eagle_config.eagle_aux_hidden_state_layer_ids`), optionally cast to another dtype.
-- vllm: the same weights with a speculators-format config.json, so that `vllm serve DIR` finds the
-  verifier (target) and the EAGLE-3 settings on its own; `--speculative-config` with the sglang/portable
-  directory works as well.
+- sglang: the portable checkpoint (LlamaForCausalLMEagle3 config.json, `midlayer.*` tensors), which
+  SGLang and vLLM (`--speculative-config '{"model": DIR}'`) both load.
+- vllm: the speculators format as speculators 0.9.0 writes it (`transformer_layer_config`,
+  `speculators_config` naming the verifier, `layers.0.*` tensors), so that `vllm serve DIR` finds
+  the verifier on its own and speculators' Eagle3DraftModel loads it.
+
+Both hold the same tensors up to the dtype cast. The dtype defaults to the target's (recorded by the
+trainer as `eagle3.target_dtype`), else the checkpoint's; the verifier defaults to the recorded
+target (`eagle3.target`, or the older `eagle3.target_id`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from eagle3.models import speculators as spec
 from eagle3.models.checkpoint import (
     CONFIG_FILE,
+    DTYPES,
     WEIGHTS_FILE,
     CheckpointError,
     _replace_dir,
     check_checkpoint,
+    draft_tensors,
+    hf_config,
     load_draft,
     read_config,
+    read_raw_config,
     save_draft,
+    with_dtype,
+    write_checkpoint,
 )
 
-SPECULATORS_VERSION = "0.3.0"
+FORMATS = ("sglang", "vllm")
+DEFAULT_SPECULATIVE_TOKENS = 5  # when the checkpoint records no tree depth
+# A hub id (`org/name`, or a bare legacy `name`): what an engine can resolve besides a local path.
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
-def speculators_config(
-    cfg: dict[str, Any], verifier: str, speculative_tokens: int
-) -> dict[str, Any]:
-    """vLLM's speculators format around our LlamaForCausalLMEagle3 config."""
-    layer = {
-        k: v for k, v in cfg.items() if k not in ("eagle3", "eagle_config", "draft_vocab_size")
-    }
-    layer["architectures"] = ["LlamaForCausalLM"]
-    layer.pop("eagle_aux_hidden_state_layer_ids", None)
-    out: dict[str, Any] = {
-        "architectures": ["Eagle3Speculator"],
-        "speculators_model_type": "eagle3",
-        "speculators_version": SPECULATORS_VERSION,
-        "draft_vocab_size": cfg["draft_vocab_size"],
-        # Our layer keeps the un-normed hidden as the attention residual; the speculators default
-        # (norm_before_residual=true) would compute a different function.
-        "norm_before_residual": False,
-        "target_hidden_size": cfg.get("target_hidden_size", cfg["hidden_size"]),
-        "torch_dtype": cfg["torch_dtype"],
-        "transformer_layer_config": layer,
-        "speculators_config": {
-            "algorithm": "eagle3",
-            "default_proposal_method": "greedy",
-            "proposal_methods": [
-                {
-                    "proposal_type": "greedy",
-                    "speculative_tokens": speculative_tokens,
-                    "verifier_accept_k": 1,
-                    "accept_tolerance": 0.0,
-                }
-            ],
-            "verifier": {"name_or_path": verifier, "architectures": []},
-        },
-    }
-    if "eagle_aux_hidden_state_layer_ids" in cfg:
-        out["eagle_aux_hidden_state_layer_ids"] = cfg["eagle_aux_hidden_state_layer_ids"]
-    if cfg.get("eagle3"):
-        out["eagle3"] = cfg["eagle3"]
-    return out
+def export_dtype(cfg: dict[str, Any]) -> str:
+    """The target's dtype when the checkpoint records it, else the checkpoint's own."""
+    recorded = (cfg.get("eagle3") or {}).get("target_dtype")
+    return recorded if recorded in DTYPES else cfg["torch_dtype"]
+
+
+def recorded_verifier(cfg: dict[str, Any]) -> str:
+    """The target the checkpoint names, if an engine can load it by that name."""
+    ours = cfg.get("eagle3") or {}
+    name = ours.get("target") or ours.get("target_id")  # target_id: older checkpoints
+    if not name:
+        raise CheckpointError(
+            "--verifier is required: the checkpoint does not name its target (eagle3.target)"
+        )
+    if not (_MODEL_ID.match(str(name)) or Path(str(name)).exists()):
+        raise CheckpointError(
+            f"--verifier is required: the checkpoint's target {name!r} (eagle3.target) is neither "
+            "a local path nor a model id an engine can load"
+        )
+    return str(name)
+
+
+def verifier_architectures(verifier: str) -> list[str]:
+    """The verifier's `architectures` when it is a local directory (speculators records them)."""
+    path = Path(verifier) / CONFIG_FILE
+    try:
+        return list(json.loads(path.read_text()).get("architectures") or [])
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def speculative_tokens(cfg: dict[str, Any]) -> int:
+    """vLLM drafts a chain: our tree's depth is its number of speculative tokens."""
+    depth = ((cfg.get("eagle3") or {}).get("tree") or {}).get("depth")
+    return int(depth) if isinstance(depth, int) and depth >= 1 else DEFAULT_SPECULATIVE_TOKENS
 
 
 def export_checkpoint(
@@ -77,37 +88,46 @@ def export_checkpoint(
     verifier: str | None = None,
     dtype: str | None = None,
 ) -> Path:
+    """Write `draft_dir` (portable or speculators format) as `fmt` into `out_dir`, atomically."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r} ({'|'.join(FORMATS)})")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} ({'|'.join(DTYPES)})")
     problems = check_checkpoint(draft_dir)
     if problems:
         raise CheckpointError(
             f"{draft_dir} is not a valid checkpoint:\n  - " + "\n  - ".join(problems)
         )
+    cfg = read_config(draft_dir)
+    dtype = dtype or export_dtype(cfg)
+    if fmt == "vllm":
+        verifier = verifier or recorded_verifier(cfg)
+        return _export_speculators(draft_dir, out_dir, verifier, dtype)
+    portable = not spec.is_speculators(read_raw_config(draft_dir))
+    if portable and dtype == cfg["torch_dtype"]:
+        return _copy_files(draft_dir, out_dir)  # byte for byte
+    return save_draft(load_draft(draft_dir), out_dir, dtype=dtype)
+
+
+def _copy_files(draft_dir: str | Path, out_dir: str | Path) -> Path:
     out = Path(out_dir)
-    if dtype:
-        save_draft(load_draft(draft_dir), out, dtype=dtype)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             shutil.copy2(Path(draft_dir) / name, tmp / name)
         _replace_dir(tmp, out)
-    if fmt == "sglang":
-        return out
-    if fmt != "vllm":
-        raise ValueError(f"unknown export format {fmt!r} (sglang|vllm)")
-    cfg = read_config(out)
-    ours = cfg.get("eagle3") or {}
-    verifier = verifier or ours.get("target_id")
-    if not verifier:
-        raise CheckpointError(
-            "--verifier is required: the checkpoint does not name its target model"
-        )
-    tree = ours.get("tree") or {}
-    tokens = int(tree.get("depth", 5))
-    spec = speculators_config(cfg, verifier, tokens)
-    # Keep the engine-neutral config beside it for tools that want LlamaForCausalLMEagle3.
-    (out / "config.eagle3.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    tmp_cfg = out / f".{CONFIG_FILE}.tmp"
-    tmp_cfg.write_text(json.dumps(spec, indent=2) + "\n")
-    tmp_cfg.replace(out / CONFIG_FILE)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
+
+
+def _export_speculators(draft_dir, out_dir, verifier: str, dtype: str) -> Path:
+    draft = load_draft(draft_dir)
+    cfg = hf_config(with_dtype(draft.config, dtype))
+    tensors = {spec.speculators_name(k): v for k, v in draft_tensors(draft, dtype).items()}
+    config = spec.speculators_config(
+        cfg, verifier, speculative_tokens(cfg), verifier_architectures(verifier)
+    )
+    return write_checkpoint(out_dir, tensors, config)

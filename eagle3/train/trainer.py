@@ -447,6 +447,7 @@ class _Run:
             "data_digest": self.digest,
             "target": self.target.name,
             "target_revision": self.target.revision,
+            "target_dtype": self.recipe.target.dtype,  # the export's default dtype
             "train": {
                 "step": step,
                 "ttt_steps": self.cfg.ttt_steps,
