@@ -183,6 +183,8 @@ class VllmConfig(Section):
     concurrency: list[PositiveInt] = Field(default_factory=lambda: [1, 4, 16])  # requests in flight
     start_timeout: float = Field(default=900.0, gt=0)
     port: int | None = Field(default=None, ge=1, le=65535)  # `eagle3 serve`; None: a free port
+    # CUDA builds: GPU memory share per server (the vLLM bench runs two on one GPU).
+    gpu_memory_utilization: float = Field(default=0.4, gt=0, le=1)
     extra_args: list[str] = Field(default_factory=list)  # passed to the api_server as they are
 
 

