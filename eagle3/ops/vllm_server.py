@@ -310,7 +310,7 @@ def failure_cause(log: Path) -> str:
     keys = ("Error:", "error:", "Exception:", "Unsupported", "refused", "not supported")
     for i in range(len(lines) - 1, -1, -1):
         if any(k in lines[i] for k in keys):
-            cause = lines[i].strip()[-300:]
+            cause = lines[i].strip()[:400]
             # pydantic puts the reason on the indented line after "1 validation error for X"
             if i + 1 < len(lines) and lines[i + 1].startswith(" ") and "validation error" in cause:
                 cause += ": " + lines[i + 1].strip()[:300]
