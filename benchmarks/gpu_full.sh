@@ -9,6 +9,10 @@
 #   benchmarks/gpu_full.sh train SECONDS     # TTT training on the regenerated data (online features)
 #   benchmarks/gpu_full.sh bench N [KEY=VALUE...]  # MT-bench (first N) in bf16 on the GPU;
 #                                            # TAG names the report, SECONDS bounds the run
+#   benchmarks/gpu_full.sh vllm N [K]        # issue #15's comparison with CUDA vLLM (vllm_compare.py):
+#                                            # needs a box with network once for `make vllm` (the CUDA
+#                                            # vllm==0.32.0 venv; >64 MiB, so not on the lent machine),
+#                                            # or EAGLE3_VLLM_VENV pointing at a CUDA vLLM venv
 #
 # Outputs go to $OUT (the device tool brings them back) when it is set.
 set -euo pipefail
@@ -66,5 +70,13 @@ bench)
     --profile full --draft runs/smollm2-135m/draft --datasets mt_bench --limit "$n" \
     --out "$OUT/bench_gpu_${TAG:-bf16}.json" target.device=cuda target.dtype=bfloat16 "$@" \
     2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -30 || true
+  ;;
+vllm)
+  # vLLM with vs without the head (batch 1 and 4 in flight), our engine vs HF generate and vs
+  # vLLM, our chain tau vs vLLM's acceptance length; bf16 on the GPU, two servers share it.
+  timeout "${SECONDS_LIMIT:-3000}" python3 benchmarks/vllm_compare.py --draft runs/smollm2-135m/draft \
+    --prompts "$2" --k "${3:-3}" --out "$OUT/vllm_compare_gpu.json" \
+    target.device=cuda target.dtype=bfloat16 eval.threads=null infer.pad_verify=false \
+    2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -60 || true
   ;;
 esac

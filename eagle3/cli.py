@@ -75,16 +75,23 @@ def cmd_train(args) -> int:
 def cmd_bench(args) -> int:
     recipe = _recipe(args)
     _need_dir(args.draft, "--draft")
+    if args.engine:
+        recipe.eval.engine = args.engine
     from eagle3.data.sources import SourceError
     from eagle3.eval.bench import print_report, run_bench
 
     datasets = [d for d in args.datasets.split(",") if d] if args.datasets else None
     if args.limit is not None and args.limit < 1:
         raise BadInput(f"--limit {args.limit}: must be >= 1")
+    from eagle3.ops.vllm_server import VLLMError, VLLMSetupError
+
     try:
         report = run_bench(recipe, args.draft, datasets=datasets, limit=args.limit, progress=True)
-    except SourceError as e:  # an unknown or unreadable data set name
+    except (SourceError, VLLMSetupError) as e:  # an unknown data set name; no vLLM venv
         raise BadInput(str(e)) from None
+    except VLLMError as e:
+        print(f"eagle3 bench: {e}", file=sys.stderr)
+        return EXIT_FAIL
     from eagle3.io import write_json_atomic
 
     write_json_atomic(args.out, report)
@@ -119,6 +126,89 @@ def cmd_generate(args) -> int:
             file=sys.stderr,
         )
     return EXIT_OK
+
+
+def cmd_serve(args) -> int:
+    from eagle3.ops import vllm_server as vs
+
+    if args.stop:
+        print(vs.stop_recorded())
+        return EXIT_OK
+    if not args.config:
+        raise BadInput("--config is required (unless --stop)")
+    recipe = _recipe(args)
+    draft = None
+    if args.draft == "champion":
+        draft = _fetch_champion(recipe)
+    elif args.draft:
+        _need_dir(args.draft, "--draft")
+        draft = args.draft
+    spec = vs.spec_from_recipe(recipe, draft, port=args.port)
+    try:
+        srv = vs.start_vllm(spec, "serve", timeout=recipe.vllm.start_timeout, echo=print)
+    except vs.VLLMSetupError as e:
+        raise BadInput(str(e)) from None
+    except vs.VLLMError as e:
+        print(f"eagle3 serve: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    head = (
+        f"with the head {draft} ({spec.speculative_tokens} speculative tokens)"
+        if draft
+        else "alone"
+    )
+    print(f"serving {spec.model} {head}")
+    print(f"OpenAI API: {srv.url}/v1   (health {srv.url}/health, metrics {srv.url}/metrics)")
+    print(f"log: {srv.log}")
+    if args.detach:
+        path = vs.save_record(srv)
+        print(f"detached (pid {srv.pid}, recorded in {path}); stop it with `eagle3 serve --stop`")
+        return EXIT_OK
+    return _serve_foreground(srv)
+
+
+def _serve_foreground(srv) -> int:
+    """Until Ctrl-C or SIGTERM; if vLLM dies, say why."""
+    import signal
+    import time
+
+    from eagle3.ops.stack import _tail
+    from eagle3.ops.vllm_server import failure_cause
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    print("Ctrl-C stops it")
+    try:
+        while srv.alive():
+            time.sleep(2)
+        print(
+            f"eagle3 serve: vLLM exited: {failure_cause(srv.log)}\n{_tail(srv.log, 20)}",
+            file=sys.stderr,
+        )
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        srv.stop()
+        print("vLLM stopped")
+        return EXIT_OK
+
+
+def _fetch_champion(recipe) -> str:
+    """The registry's champion, downloaded and verified under .eagle3/vllm/ (S3 or MLflow)."""
+    from eagle3.ops.vllm_server import record_path
+
+    _use_stack()
+    from flows.infer import fetch_task, resolve_champion_task
+
+    try:
+        champ = resolve_champion_task.fn(recipe)
+    except LookupError as e:
+        raise BadInput(str(e)) from None
+    dest = record_path().parent / f"champion-{champ['model']}-v{champ['version']}"
+    if not (dest / "config.json").is_file():
+        fetch_task.fn(recipe, champ, str(dest))
+    print(f"champion {champ['model']} v{champ['version']} ({champ['source']}): {dest}")
+    return str(dest)
 
 
 def cmd_check(args) -> int:
@@ -223,7 +313,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--datasets", help="comma-separated catalog names (default: the recipe's)")
     p.add_argument("--limit", type=int, help="prompts per dataset")
+    p.add_argument(
+        "--engine",
+        choices=["eagle3", "vllm"],
+        help="eagle3: our engine; vllm: vLLM with vs without the head (default: eval.engine)",
+    )
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser(
+        "serve", help="serve the target (with a head) through vLLM: OpenAI API on 127.0.0.1"
+    )
+    p.add_argument("--config", help="recipe YAML (configs/*.yaml)")
+    p.add_argument("--profile", help="a named profile of the recipe (e.g. demo, full)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
+    p.add_argument("--draft", help="a head directory, or `champion` (omit: the target alone)")
+    p.add_argument("--port", type=int, help="default: vllm.port, else a free port")
+    p.add_argument("--detach", action="store_true", help="leave it running (`--stop` ends it)")
+    p.add_argument("--stop", action="store_true", help="stop the server `--detach` left running")
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("generate", help="one speculative generation")
     _add_recipe(p)

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -157,6 +164,28 @@ class EvalConfig(Section):
     )
     prompt_lookup_num_tokens: int = Field(default=10, ge=1)
     threads: int | None = Field(default=None, ge=1)  # torch threads (None: torch's default)
+    # eagle3: our engine (batch 1, tree, the lossless reference); vllm: the head served by vLLM
+    # (`vllm:` section), with and without the head, at batch 1 and at `vllm.concurrency`.
+    engine: Literal["eagle3", "vllm"] = "eagle3"
+
+
+class VllmConfig(Section):
+    """vLLM as a server in its own venv (`make vllm`; EAGLE3_VLLM_VENV overrides its place)."""
+
+    # Draft tokens per verify step (vLLM proposes a chain). None: infer.depth.
+    speculative_tokens: int | None = Field(default=None, ge=1)
+    # Eager mode: SmolLM2 on 2 CPU cores started in ~40 s vs 100-230 s of torch.compile (never
+    # cached on this build) at the same speed (README, "vLLM on this CPU").
+    enforce_eager: bool = True
+    kv_cache_gib: int = Field(default=2, ge=1)  # VLLM_CPU_KVCACHE_SPACE (whole GiB; CPU builds)
+    threads: int | None = Field(default=None, ge=1)  # OMP threads (CPU builds); None: all cores
+    max_model_len: int = Field(default=4096, ge=16)
+    concurrency: list[PositiveInt] = Field(default_factory=lambda: [1, 4, 16])  # requests in flight
+    start_timeout: float = Field(default=900.0, gt=0)
+    port: int | None = Field(default=None, ge=1, le=65535)  # `eagle3 serve`; None: a free port
+    # CUDA builds: GPU memory share per server (the vLLM bench runs two on one GPU).
+    gpu_memory_utilization: float = Field(default=0.4, gt=0, le=1)
+    extra_args: list[str] = Field(default_factory=list)  # passed to the api_server as they are
 
 
 class TrackingConfig(Section):
@@ -178,7 +207,8 @@ class PromoteConfig(Section):
     tolerance: float = 0.05
     require_lossless: bool = True
     # Which speedup the gate compares: speedup_vs_<baseline> from the benchmark report.
-    speedup_baseline: Literal["hf_generate", "ar", "hf_prompt_lookup"] = "hf_generate"
+    # vllm: the head served by vLLM vs vLLM without it, at batch 1 (eval.engine: vllm).
+    speedup_baseline: Literal["hf_generate", "ar", "hf_prompt_lookup", "vllm"] = "hf_generate"
 
 
 class InferConfig(Section):
@@ -207,6 +237,9 @@ class InferConfig(Section):
     # later runs with autotune on use the stored ones.
     autotune: bool = False
     stop: list[str] = Field(default_factory=list)
+    # On-demand inference (flows/infer.py): eagle3 = our engine (the CPU default, the lossless
+    # reference); vllm = a vLLM server holding the champion head (`vllm:` section).
+    engine: Literal["eagle3", "vllm"] = "eagle3"
 
 
 class Recipe(Section):
@@ -222,6 +255,7 @@ class Recipe(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
+    vllm: VllmConfig = Field(default_factory=VllmConfig)
     # Named override sets, e.g. `demo` and `full`, chosen with `--profile` or `profile=NAME`.
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
     profile: str | None = None
@@ -229,6 +263,10 @@ class Recipe(Section):
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir or f"runs/{self.name}")
+
+    @property
+    def vllm_speculative_tokens(self) -> int:
+        return self.vllm.speculative_tokens or self.infer.depth
 
     @property
     def cache_path(self) -> Path:

@@ -67,7 +67,10 @@ def register_task(recipe, art_run: str, metrics: dict, tags: dict) -> str:
         "speedup_vs_hf_generate",
         "speedup_vs_ar",
         "speedup_vs_hf_prompt_lookup",
+        "speedup_vs_vllm",
         "lossless",
+        "vllm/acceptance_length",
+        "vllm/speedup_bs1",
     )
     all_tags = {k: round(metrics[k], 6) for k in keep if k in metrics} | tags
     return t.register(registered_model_name(recipe), art_run, "draft", all_tags)
@@ -177,6 +180,24 @@ def markdown_report(
             + f" | {sp.get('vs_ar', float('nan')):.2f} | {sp.get('vs_hf_generate', float('nan')):.2f}"
             f" | {r.get('lossless')} |"
         )
+    v = report.get("vllm")
+    if v:
+        lines += [
+            "",
+            f"## Through {v['version']} ({v['speculative_tokens']} speculative tokens)",
+            "",
+            f"acceptance length {v['acceptance_length']:.3f}, per position "
+            + ", ".join(f"{a:.3f}" for a in v["per_position_acceptance"])
+            + f"; greedy outputs with the head equal those without it: {v['lossless']}",
+            "",
+            "| in flight | with head tok/s | without tok/s | speedup |",
+            "|---|---|---|---|",
+        ]
+        for lv in v["concurrency"].values():
+            t = lv["tokens_per_s"]
+            lines.append(
+                f"| {lv['in_flight']} | {t['eagle3']:.1f} | {t['vllm']:.1f} | {lv['speedup']:.2f} |"
+            )
     if decision is not None:
         lines += ["", f"## Gate: {'PROMOTE' if decision['promote'] else 'REJECT'}", ""]
         lines += [f"- {x}" for x in decision["reasons"]]

@@ -3,7 +3,8 @@
 Parameters: prompts (a list of strings, or an s3:// URI of a JSONL whose rows are strings or
 objects with `prompt`), temperature, max_new_tokens. Resolves the champion (S3 champion.json, or
 the MLflow alias when no S3 is configured), downloads it and verifies every sha256 BEFORE loading,
-runs the speculative engine, writes the outputs as JSONL next to the input in S3 and returns a
+runs the speculative engine (or, with infer.engine: vllm, a vLLM server holding the champion head
+for the length of the run), writes the outputs as JSONL next to the input in S3 and returns a
 summary (count, tau, tokens/s).
 """
 
@@ -137,6 +138,8 @@ def generate_task(
     temperature: float | None,
     max_new_tokens: int | None,
 ) -> list[dict]:
+    if recipe.infer.engine == "vllm":
+        return generate_vllm(recipe, draft_dir, prompts, temperature, max_new_tokens)
     from eagle3.infer import engine as eng
 
     engine = eng.load_engine(recipe, draft_dir)
@@ -162,6 +165,25 @@ def generate_task(
             }
         )
     return rows
+
+
+def generate_vllm(recipe, draft_dir, prompts, temperature, max_new_tokens) -> list[dict]:
+    """A vLLM server holding the head for the length of the task (infer.engine: vllm)."""
+    from transformers import AutoTokenizer
+
+    from eagle3.infer.vllm_client import VLLMClient, generate_rows
+    from eagle3.ops.vllm_server import spec_from_recipe, start_vllm
+
+    spec = spec_from_recipe(recipe, draft_dir)
+    tok = AutoTokenizer.from_pretrained(spec.model)
+    t = recipe.infer.temperature if temperature is None else temperature
+    n = recipe.infer.max_new_tokens if max_new_tokens is None else max_new_tokens
+    with start_vllm(spec, "infer", timeout=recipe.vllm.start_timeout, echo=print) as srv:
+        client = VLLMClient(srv.url)
+        try:
+            return generate_rows(client, tok, prompts, t, n, recipe.seed)
+        finally:
+            client.close()
 
 
 @task(

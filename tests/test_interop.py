@@ -26,7 +26,7 @@ from eagle3.models.checkpoint import (
 )
 from eagle3.models.draft import DraftConfig, Eagle3Draft
 from eagle3.models.export import export_checkpoint
-from eagle3.ops.vllm_env import VllmEnvMissing, vllm_python
+from eagle3.ops.vllm_env import VllmEnvMissing, require_vllm_python
 
 HERE = Path(__file__).resolve().parent
 # A rope no reader gets right by accident (the tiny target's is the default 10000, unscaled).
@@ -309,7 +309,7 @@ def test_portable_variants_are_refused_by_name(portable, tmp_path, capsys, name,
 @pytest.fixture(scope="module")
 def vllm_venv_python():
     try:
-        return vllm_python()
+        return require_vllm_python()
     except VllmEnvMissing as e:
         pytest.skip(str(e))
 
@@ -424,11 +424,11 @@ def test_speculators_and_vllm_read_the_export(
 
 def test_missing_vllm_venv_names_itself_and_the_make_target(monkeypatch, tmp_path):
     monkeypatch.setenv("EAGLE3_VLLM_VENV", str(tmp_path / "nowhere"))
-    with pytest.raises(VllmEnvMissing, match=r"nowhere.*make venv-vllm.*EAGLE3_VLLM_VENV"):
-        vllm_python()
+    with pytest.raises(VllmEnvMissing, match=r"nowhere.*make vllm.*EAGLE3_VLLM_VENV"):
+        require_vllm_python()
     fake = tmp_path / "venv" / "bin" / "python"
     fake.parent.mkdir(parents=True)
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
     monkeypatch.setenv("EAGLE3_VLLM_VENV", str(tmp_path / "venv"))
-    assert vllm_python() == fake
+    assert require_vllm_python() == fake

@@ -141,7 +141,14 @@ def run_bench(
     progress: bool = True,
     on_prompt: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Benchmark a draft head on the recipe's eval sets; returns the §4 report (plus `autotune`)."""
+    """Benchmark a draft head on the recipe's eval sets; returns the §4 report (plus `autotune`).
+
+    With eval.engine: vllm the head is measured through vLLM instead (eagle3/eval/vllm_bench.py).
+    """
+    if recipe.eval.engine == "vllm":
+        from eagle3.eval.vllm_bench import run_vllm_bench
+
+        return run_vllm_bench(recipe, draft_dir, datasets, limit, progress, on_prompt)
     threads = torch.get_num_threads()
     if recipe.eval.threads:
         torch.set_num_threads(recipe.eval.threads)
@@ -305,16 +312,19 @@ def print_report(report: dict) -> None:
         f"draft={d.get('draft_dtype', report['dtype'])}"
     )
     baselines = [
-        n for n in DECODERS[1:] if any(n in s["tokens_per_s"] for s in report["datasets"].values())
+        n
+        for n in (*DECODERS[1:], "vllm")
+        if any(n in s["tokens_per_s"] for s in report["datasets"].values())
     ]
     table = Table(title=title)
-    short = {"ar": "ar", "hf_generate": "hf gen", "hf_prompt_lookup": "hf pld"}
+    short = {"ar": "ar", "hf_generate": "hf gen", "hf_prompt_lookup": "hf pld", "vllm": "vllm"}
     table.add_column("dataset", overflow="fold")
+    engine = "vllm+head" if report.get("engine") == "vllm" else "eagle3"
     for c in (
         "n",
         "tokens",
         "tau",
-        "eagle3\ntok/s",
+        f"{engine}\ntok/s",
         *[f"{short[b]}\ntok/s (x)" for b in baselines],
         "lossless",
     ):
@@ -338,6 +348,10 @@ def print_report(report: dict) -> None:
     console.print(table)
     for name, s in report["datasets"].items():
         console.print(f"alpha per depth ({name}): " + " ".join(f"{a:.2f}" for a in s["alpha"]))
+    if report.get("vllm"):
+        from eagle3.eval.vllm_bench import print_vllm
+
+        print_vllm(report)
     split = report.get("engine_time")
     if split:
         cyc = sum(v for k, v in split.items() if k != "prefill") or 1.0

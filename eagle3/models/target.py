@@ -140,22 +140,32 @@ def load_target(cfg: TargetConfig, cache: Path | None = None) -> Target:
     cache = cache or cache_dir()
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype]
+    name = target_name(cfg)
     if cfg.kind == "tiny":
         model, tok = build_tiny_target(cfg, cache), load_smollm2_tokenizer(cache)
-        name, rev = f"tiny-llama(seed={cfg.tiny.seed})", "seeded"
+        rev = "seeded"
     elif cfg.kind == "embedded":
         path = embedded_model_dir(cache)
         model, tok = _from_pretrained(path, cfg, dtype)
-        name, rev = EMBEDDED_ID, EMBEDDED_SHA256
+        rev = EMBEDDED_SHA256
     elif cfg.kind == "gguf":
         path = gguf_model_dir(Path(cfg.path), cache)
         model, tok = _from_pretrained(path, cfg, dtype)
-        name, rev = str(cfg.path), sha256_file(cfg.path)
+        rev = sha256_file(cfg.path)
     else:
         model, tok = _from_pretrained(cfg.path, cfg, dtype, revision=cfg.revision)
-        name, rev = cfg.path, cfg.revision or _local_revision(cfg.path)
+        rev = cfg.revision or _local_revision(cfg.path)
     model.to(device=device, dtype=dtype)
     return Target(model, tok, cfg.aux_layers, name, rev)
+
+
+def target_name(cfg: TargetConfig) -> str:
+    """The target's name in reports (the same whichever engine runs it)."""
+    if cfg.kind == "tiny":
+        return f"tiny-llama(seed={cfg.tiny.seed})"
+    if cfg.kind == "embedded":
+        return EMBEDDED_ID
+    return str(cfg.path)
 
 
 def _local_revision(path: str) -> str:
@@ -291,3 +301,37 @@ def build_tiny_target(cfg: TargetConfig, cache: Path | None = None, vocab_size: 
         model.generation_config.eos_token_id = eos
         model.generation_config.pad_token_id = eos
     return model.eval()
+
+
+def target_hf_dir(cfg: TargetConfig, cache: Path | None = None) -> Path:
+    """An HF directory holding the target, for engines that load it themselves (vLLM).
+
+    embedded / gguf: the dequantised fp32 safetensors dir in the cache; hf: the path or hub id as
+    given; tiny: the seeded model saved once under `models/tiny-<digest of its settings>`.
+    """
+    cache = cache or cache_dir()
+    if cfg.kind == "embedded":
+        return embedded_model_dir(cache)
+    if cfg.kind == "gguf":
+        return gguf_model_dir(Path(cfg.path), cache)
+    if cfg.kind == "hf":
+        return Path(cfg.path)
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(cfg.tiny.model_dump(), sort_keys=True).encode()).hexdigest()[
+        :12
+    ]
+    out = cache / "models" / f"tiny-{digest}"
+    if (out / "config.json").is_file():
+        return out
+    model, tok = build_tiny_target(cfg, cache), load_smollm2_tokenizer(cache)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

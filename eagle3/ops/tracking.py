@@ -300,6 +300,28 @@ def report_metrics(report: dict[str, Any]) -> dict[str, float]:
         out[f"alpha_{i}"] = sum(a * n for a, n in vals) / w
     for k, vals in tps.items():
         out[f"tokens_per_s_{k}"] = sum(vals) / len(vals)
+    out |= vllm_metrics(report.get("vllm") or {})
+    return out
+
+
+def vllm_metrics(v: dict[str, Any]) -> dict[str, float]:
+    """`vllm/...` metrics of an `eagle3 bench --engine vllm` report's `vllm` block."""
+    if not v:
+        return {}
+    out = {"vllm/acceptance_length": float(v["acceptance_length"])}
+    if v.get("lossless") is not None:
+        out["vllm/lossless"] = 1.0 if v["lossless"] else 0.0
+    for i, a in enumerate(v.get("alpha") or []):
+        out[f"vllm/alpha_{i}"] = float(a)
+    for i, a in enumerate(v.get("per_position_acceptance") or []):
+        out[f"vllm/acceptance_pos_{i}"] = float(a)
+    for key, lv in (v.get("concurrency") or {}).items():
+        out[f"vllm/speedup_{key}"] = float(lv["speedup"])
+        out[f"vllm/tokens_per_s_{key}"] = float(lv["tokens_per_s"]["eagle3"])
+        out[f"vllm/tokens_per_s_plain_{key}"] = float(lv["tokens_per_s"]["vllm"])
+        out[f"vllm/acceptance_length_{key}"] = float(lv["acceptance_length"])
+    for k, secs in (v.get("start_seconds") or {}).items():
+        out[f"vllm/start_seconds_{k}"] = float(secs)
     return out
 
 
@@ -315,4 +337,6 @@ def eval_set_signature(recipe: Any, report: dict[str, Any]) -> str:
         "temperature": recipe.eval.temperature,
         "limit": recipe.eval.limit,
     }
+    if report.get("engine", "eagle3") != "eagle3":  # tau of a vLLM chain is not a tree's tau
+        sig["engine"] = report["engine"]
     return hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:16]

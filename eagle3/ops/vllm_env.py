@@ -1,5 +1,8 @@
-"""Where the vLLM venv lives. vLLM pins torch and transformers apart from ours, so it runs from its
-own venv (`.venv-vllm` at the repository root, or $EAGLE3_VLLM_VENV): one lookup for every caller."""
+"""Where vLLM's own venv lives: vLLM pins torch and transformers apart from the project's venv.
+
+`make vllm` creates `<repo>/.venv-vllm`; `EAGLE3_VLLM_VENV` points elsewhere (a venv dir). One
+lookup for every caller.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,9 @@ import os
 from pathlib import Path
 
 VENV_ENV = "EAGLE3_VLLM_VENV"
-MAKE_TARGET = "venv-vllm"  # the make target that creates the venv
+MAKE_TARGET = "vllm"  # the make target that creates the venv
 REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_VENV = REPO_ROOT / ".venv-vllm"
 
 
 class VllmEnvMissing(RuntimeError):
@@ -16,13 +20,17 @@ class VllmEnvMissing(RuntimeError):
 
 
 def vllm_venv() -> Path:
-    return Path(os.environ.get(VENV_ENV) or REPO_ROOT / ".venv-vllm")
+    return Path(os.environ.get(VENV_ENV) or DEFAULT_VENV)
 
 
 def vllm_python() -> Path:
-    """The vLLM venv's python; VllmEnvMissing when it does not exist."""
-    venv = vllm_venv()
-    python = venv / "bin" / "python"
+    """The python of the vLLM venv (it may not exist: `require_vllm_python` checks)."""
+    return vllm_venv() / "bin" / "python"
+
+
+def require_vllm_python() -> Path:
+    """The vLLM venv's python; VllmEnvMissing, saying how to create it, when it does not exist."""
+    venv, python = vllm_venv(), vllm_python()
     if not os.access(python, os.X_OK):
         raise VllmEnvMissing(
             f"the vLLM venv {venv} does not exist ({python} is missing): create it with "

