@@ -20,6 +20,9 @@ from eagle3.models.draft import ARCHITECTURE, DraftConfig, Eagle3Draft, default_
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# config.json["eagle3"][WEIGHTS_SHA256]: the sha256 of model.safetensors, written by save_draft and
+# checked by check_checkpoint (a flipped byte in the weights is found before anything loads them).
+WEIGHTS_SHA256 = "weights_sha256"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CONFIG_FIELDS = (
     "hidden_size",
@@ -166,12 +169,23 @@ def save_draft(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        cfg.eagle3 = {**cfg.eagle3, WEIGHTS_SHA256: _sha256(tmp / WEIGHTS_FILE)}
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -246,6 +260,13 @@ def check_checkpoint(ckpt_dir: str | Path) -> list[str]:
     problems += _check_config(cfg)
     if not (d / WEIGHTS_FILE).is_file():
         return problems + [f"{WEIGHTS_FILE}: missing"]
+    want = (cfg.get("eagle3") or {}).get(WEIGHTS_SHA256)
+    got = _sha256(d / WEIGHTS_FILE) if want is not None else None
+    if got != want:
+        problems.append(
+            f"{WEIGHTS_FILE}: sha256 {got[:16]}… does not match config.json's "
+            f"eagle3.{WEIGHTS_SHA256} {str(want)[:16]}… (damaged or replaced after saving)"
+        )
     try:
         c = draft_config_from_hf(cfg)
     except (CheckpointError, KeyError, TypeError) as e:
