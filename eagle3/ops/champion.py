@@ -274,6 +274,8 @@ def reconcile(place: Place) -> list[str]:
     changes = []
     for _ in range(CAS_ATTEMPTS):
         ptr, etag = read_pointer(place)
+        if ptr is not None:
+            check_version_identity(place, ptr)  # never act on another registry's version
         if ptr is None or not is_aborted(place, ptr):
             break
         prev = previous(ptr)
