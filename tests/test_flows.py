@@ -297,7 +297,7 @@ def test_wrong_credentials_fail_fast_naming_the_endpoint(recipe, tiny_drafts, s3
         state.result()
     assert s3_env.endpoint_url in str(e.value) and "wrong-secret-value" not in str(e.value)
     runs = task_runs(state)
-    (first,) = runs["reconcile"]  # the first stage that reaches S3
+    (first,) = runs["fetch-draft"]  # the first stage that reaches S3
     assert first.run_count == 1  # bad keys are not retried
     assert "upload-to-s3" not in runs
     assert champion_alias(recipe) is None

@@ -327,7 +327,9 @@ def promote_recipe(
         stage_run(place.tracker, recipe, "promote", parent_run_id, tags=run_tags) as run_id,
         tempfile.TemporaryDirectory(prefix="eagle3-promote-") as tmp,
     ):
-        draft = Path(draft_dir) if draft_dir else fetch_version(place, version, Path(tmp) / "d")
+        draft = Path(
+            draft_dir or step("fetch-draft", fetch_version, place, version, Path(tmp) / "d")
+        )
         problems = check_checkpoint(draft)
         if place.s3 is None:
             out = _gate_only(place, recipe, version, candidate, problems, measured)
