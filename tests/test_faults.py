@@ -607,6 +607,28 @@ def test_a_server_dies_with_its_keeper(tmp_path):
         stop_s3(st)
 
 
+def test_a_detached_server_outlives_its_owner_until_stopped(tmp_path):
+    """What a finished `stack up` does: once detached, the server outlives the process that
+    started it, and stop_pid (`stack down`) still stops exactly it."""
+    from eagle3.ops import stack as st
+
+    code = (
+        "import sys; from eagle3.ops.stack import start_s3, detach; "
+        "s = start_s3(sys.argv[1]); detach(s.pids['s3'])"
+    )
+    d = tmp_path / "s3"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", code, str(d)], env=env, check=True, timeout=120)
+    s = st.Stack.load(d)
+    members = _group_members(s.pids["s3"])
+    try:
+        time.sleep(1.0)
+        assert s.running("s3") and s.healthy("s3")
+    finally:
+        assert st.stop_pid(s.pids["s3"], s.marker("s3"))
+    assert _gone(members) == []
+
+
 def test_a_killed_stack_up_leaves_no_server_behind(tmp_path):
     from eagle3.ops import stack as st
 
