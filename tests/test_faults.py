@@ -222,6 +222,33 @@ def test_a_lost_answer_to_the_pointer_write(recipe, drafts, proxy, faults):
     assert rc == 0 and "agree" in out and "nothing changed" in out
 
 
+def test_the_alias_cannot_follow(recipe, drafts, faults):
+    """MLflow fails around the alias write on every retry: champion.json is put back by
+    compare-and-swap, the alias follows it back, and the flow says FAILED."""
+    from flows.promote import promote_flow
+
+    v1 = register_candidate(recipe, drafts[0], make_report(1.8, 1.3))
+    assert promote_flow(recipe, version=v1)["promoted"]
+    v2 = register_candidate(recipe, drafts[1], make_report(2.0, 1.4))
+    calls = []
+
+    def mlflow_fails(model, version):
+        if version == v2:
+            calls.append(version)
+            raise ConnectionError("injected: MLflow unreachable after the alias write")
+
+    faults("after_alias_write", mlflow_fails)
+    state = promote_flow(recipe, version=v2, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match=f"put back to v{v1}"):
+        state.result()
+    runs = task_runs(state)
+    assert runs["follow-champion-alias"][0].run_count == 4 and len(calls) == 4  # retried
+    assert runs["undo-champion-pointer"][0].state.is_completed()
+    ptr = assert_consistent(recipe)
+    assert ptr["version"] == v1 and history(ptr) == []
+
+
 def run_cli(main, argv) -> tuple[int, str]:
     import contextlib
     import io

@@ -252,6 +252,8 @@ def promote(
                     f"champion.json could not be put back either ({e2}); run "
                     "`eagle3 promote --reconcile` once S3 answers"
                 )
+            with contextlib.suppress(Exception):  # an alias write whose answer was lost
+                ch.follow_alias(place)
         raise PromotionFailed(
             f"{place.model} v{version}: the MLflow alias could not follow champion.json ({e}); "
             f"{note}"
