@@ -1,6 +1,8 @@
 """The `eagle3` command. Heavy packages are imported inside the handlers: `--help` stays instant.
 
-Exit status: 0 success, 2 bad input (recipe, arguments, checkpoint given), 1 failure during work.
+Exit status: 0 success, 2 bad input (recipe, arguments, data, checkpoint, prompt) or an unusable
+environment found before any work (a stack server down), 1 failure during work. Every command but
+`pipeline` calls the library directly, without Prefect.
 """
 
 from __future__ import annotations
@@ -107,6 +109,13 @@ def cmd_generate(args) -> int:
         raise BadInput(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
     if args.temperature is not None and args.temperature < 0:
         raise BadInput(f"--temperature {args.temperature}: must be >= 0")
+    from eagle3.models.checkpoint import check_checkpoint
+
+    problems = check_checkpoint(args.draft)  # before anything is loaded
+    if problems:
+        raise BadInput(
+            f"--draft {args.draft} is not a valid checkpoint:\n  - " + "\n  - ".join(problems)
+        )
     from eagle3.infer.engine import generate_text
 
     result = generate_text(
@@ -251,21 +260,39 @@ def cmd_stack(args) -> int:
     return stack_command(args.action, Path(args.state_dir) if args.state_dir else None, ports)
 
 
-def _use_stack() -> None:
+def _use_stack(recipe, need=("s3", "mlflow", "prefect")) -> None:
     """Variables of a running `eagle3 stack` fill what the environment does not set (before
-    Prefect or MLflow are imported, so that they connect to it)."""
+    Prefect or MLflow are imported, so that they connect to it). A server the command needs that
+    is down is named, and the command stops: it never falls back to another registry."""
     import os
 
-    from eagle3.ops.stack import load_stack_env
+    from eagle3.ops.stack import StackError, check_servers, load_stack_env
 
-    applied = load_stack_env()
+    try:
+        applied = load_stack_env(need=need)
+        check_servers(need)
+    except StackError as e:
+        raise BadInput(str(e)) from None
+    if "s3" in need:
+        from eagle3.ops import storage
+
+        try:
+            settings = storage.settings_from_recipe(recipe.storage)
+        except storage.StorageError:
+            settings = None  # no bucket: the gate runs, nothing is shipped (said later)
+        if settings is not None:
+            try:
+                storage.check_access(settings)
+            except storage.StorageError as e:
+                raise BadInput(str(e)) from None
     if applied:
-        print(f"using the running stack ({os.environ.get('PREFECT_API_URL')})", file=sys.stderr)
+        where = os.environ.get("MLFLOW_TRACKING_URI")
+        print(f"using the running stack (MLflow {where})", file=sys.stderr)
 
 
 def cmd_pipeline(args) -> int:
     recipe = _recipe(args)
-    _use_stack()
+    _use_stack(recipe)
     from flows.pipeline import pipeline_from_cli
 
     return pipeline_from_cli(recipe, args)
@@ -273,10 +300,32 @@ def cmd_pipeline(args) -> int:
 
 def cmd_promote(args) -> int:
     recipe = _recipe(args)
-    _use_stack()
-    from flows.promote import promote_from_cli
+    if sum(bool(x) for x in (args.version, args.rollback, args.reconcile)) > 1:
+        raise BadInput("give one of --version, --rollback, --reconcile")
+    _use_stack(recipe, need=("s3", "mlflow"))
+    from eagle3.ops import promotion, storage
 
-    return promote_from_cli(recipe, args)
+    try:
+        if args.rollback:
+            out = promotion.rollback_recipe(recipe)
+            for c in out["reconciled"]:
+                print(f"reconciled first: {c}")
+            print(
+                f"rolled back: champion is v{out['champion']} again "
+                f"(was v{out['rolled_back_from']})"
+            )
+            return EXIT_OK
+        if args.reconcile:
+            print(promotion.describe_reconcile(promotion.reconcile_recipe(recipe)))
+            return EXIT_OK
+        out = promotion.promote_recipe(recipe, version=args.version)
+    except storage.StorageError as e:
+        print(f"eagle3 promote: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    for c in out.get("reconciled", []):
+        print(f"reconciled first: {c}")
+    print(promotion.describe_promotion(out))
+    return EXIT_OK if out["promoted"] else EXIT_FAIL
 
 
 def _need_dir(path: str, flag: str) -> None:
@@ -375,11 +424,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe(p)
     p.set_defaults(fn=cmd_pipeline)
 
-    p = sub.add_parser("promote", help="gate and promote a registered version, or roll back")
+    p = sub.add_parser(
+        "promote", help="gate and promote a registered version, roll back, or reconcile"
+    )
     _add_recipe(p)
     p.add_argument("--version", help="registry version (default: the candidate)")
     p.add_argument(
         "--rollback", action="store_true", help="point champion back to the previous one"
+    )
+    p.add_argument(
+        "--reconcile",
+        action="store_true",
+        help="make the MLflow alias follow champion.json (S3), undo a failed promotion's "
+        "pointer, and say what changed",
     )
     p.set_defaults(fn=cmd_promote)
     return ap
@@ -412,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
 def _is_bad_input(e: Exception) -> bool:
     from eagle3.config import ConfigError
 
-    return isinstance(e, ConfigError) or type(e).__name__ in {"CheckpointError", "BadInput"}
+    names = {"CheckpointError", "BadInput", "PromptTooLong", "SourceError", "OutsideScope"}
+    return isinstance(e, ConfigError) or type(e).__name__ in names
 
 
 if __name__ == "__main__":

@@ -32,19 +32,33 @@ class Section(BaseModel):
 class TinyTarget(Section):
     """A random Llama built in-process from a seed (no download)."""
 
-    num_hidden_layers: int = 8
-    hidden_size: int = 64
-    intermediate_size: int = 192
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    max_position_embeddings: int = 4096
-    rope_theta: float = 10000.0
+    num_hidden_layers: int = Field(8, ge=4)  # the default aux layers 2, N//2, N-3 need 4
+    hidden_size: int = Field(64, ge=1)
+    intermediate_size: int = Field(192, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(2, ge=1)
+    max_position_embeddings: int = Field(4096, ge=1)
+    rope_theta: float = Field(10000.0, gt=0)
     seed: int = 0
     # A plain init gives near-uniform next-token distributions; scaling embeddings and the output
     # head up makes them peaked and context dependent, so a draft can show acceptance.
-    init_scale: float = 1.0
-    embed_scale: float = 1.0
-    lm_head_scale: float = 8.0
+    init_scale: float = Field(1.0, gt=0)
+    embed_scale: float = Field(1.0, gt=0)
+    lm_head_scale: float = Field(8.0, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyTarget:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} must be a multiple of num_attention_heads "
+                f"{self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        return self
 
 
 class TargetConfig(Section):
@@ -67,7 +81,23 @@ class TargetConfig(Section):
             raise ValueError(f"target.path is required when target.kind is {self.kind!r}")
         if self.aux_layers is not None and len(self.aux_layers) != 3:
             raise ValueError("target.aux_layers must list exactly 3 layer ids")
+        n = self.known_num_layers()
+        if self.aux_layers is not None and n is not None:
+            bad = [i for i in self.aux_layers if not 1 <= i < n]
+            if bad:
+                raise ValueError(
+                    f"target.aux_layers {self.aux_layers}: {bad} outside 1..{n - 1} (the residual "
+                    f"stream entering layer i of this {n}-layer target)"
+                )
         return self
+
+    def known_num_layers(self) -> int | None:
+        """The target's layer count when the recipe alone tells it (before any download)."""
+        if self.kind == "tiny":
+            return self.tiny.num_hidden_layers
+        if self.kind == "embedded":
+            return 30  # SmolLM2-135M-Instruct
+        return None  # hf / gguf: checked when the target's config is read
 
 
 class SourceSpec(Section):
@@ -202,9 +232,11 @@ class StorageConfig(Section):
 
 
 class PromoteConfig(Section):
-    min_tau: float = 1.0
-    min_speedup: float = 0.0
-    tolerance: float = 0.05
+    min_tau: float = Field(default=1.0, ge=0.0)  # absolute floors
+    min_speedup: float = Field(default=0.0, ge=0.0)
+    # How much worse than the champion (relative) a candidate may be; 1 or more would disable the
+    # comparison, so it is refused.
+    tolerance: float = Field(default=0.05, ge=0.0, lt=1.0)
     require_lossless: bool = True
     # Which speedup the gate compares: speedup_vs_<baseline> from the benchmark report.
     # vllm: the head served by vLLM vs vLLM without it, at batch 1 (eval.engine: vllm).

@@ -117,6 +117,43 @@ def s3_retryable(task, task_run, state) -> bool:
     return False
 
 
+def transient(task, task_run, state) -> bool:
+    """Retry what may pass: S3 or MLflow unreachable or failing with 5xx. Never retried: bad
+    keys, corrupt or conflicting data, another registry's prefix, bad input."""
+    from eagle3.ops.storage import S3Unavailable, StorageError
+
+    try:
+        state.result()
+    except S3Unavailable:
+        return True
+    except (StorageError, ValueError, LookupError):
+        return False
+    except Exception as e:
+        if type(e).__name__ == "MlflowException":
+            return getattr(e, "error_code", "") in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
+        text = str(e).lower()
+        return any(w in text for w in ("unreachable", "connect", "timed out", "max retries"))
+    return False
+
+
+def prefect_step(name: str, fn, *args, **kwargs):
+    """eagle3.ops.promotion's stages as Prefect tasks: retried when the failure may pass, never
+    cached (each stage reads the live state of S3 and the registry)."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    t = task(
+        fn,
+        name=name,
+        retries=3,
+        retry_delay_seconds=RETRY_DELAYS,
+        retry_condition_fn=transient,
+        cache_policy=NO_CACHE,
+        persist_result=False,
+    )
+    return t(*args, **kwargs)
+
+
 def tracker(recipe):
     from eagle3.ops.tracking import Tracker
 
@@ -126,30 +163,12 @@ def tracker(recipe):
 @contextlib.contextmanager
 def mlflow_run(recipe, name: str, parent_id: str | None = None, params: bool = True):
     """A (nested) MLflow run for one stage; FAILED if the stage raises, KILLED on Ctrl-C."""
-    from eagle3.config import flatten
-    from eagle3.ops.tracking import git_commit, target_slug
+    from eagle3.ops.tracking import stage_run
 
     t = tracker(recipe)
-    tags = {
-        "eagle3.stage": name,
-        "eagle3.target": target_slug(recipe),
-        "eagle3.recipe": recipe.name,
-        "git.commit": git_commit(),
-        "prefect.flow_run_id": flow_run_id(),
-    }
-    run_id = t.start_run(name, parent_id=parent_id, tags=tags)
-    if params:
-        t.log_params(run_id, flatten(recipe))
-    try:
+    tags = {"prefect.flow_run_id": flow_run_id()}
+    with stage_run(t, recipe, name, parent_id, params=params, tags=tags) as run_id:
         yield t, run_id
-    except KeyboardInterrupt:
-        t.end_run(run_id, "KILLED")
-        raise
-    except BaseException:
-        t.end_run(run_id, "FAILED")
-        raise
-    else:
-        t.end_run(run_id, "FINISHED")
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

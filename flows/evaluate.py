@@ -98,56 +98,34 @@ def version_tags(draft: Path, report: dict, eval_set: str, data_digest, problems
 
 @task(name="champion-on-eval-set", tags=["gpu"], retries=1, retry_delay_seconds=RETRY_DELAYS[:1])
 def champion_task(recipe, eval_set: str, exclude_version: str | None) -> dict | None:
-    """The champion's gate numbers on this eval set (from its tags, or benchmarked again)."""
+    """The numbers of the champion (champion.json when S3 is configured, else the MLflow alias)
+    on this eval set: from its tags, or benchmarked again. The promotion gates again, under its
+    compare-and-swap, against the champion it actually replaces."""
+    from eagle3.ops.champion import place_for
     from eagle3.ops.gate import gate_metrics
-    from eagle3.ops.tracking import registered_model_name, report_metrics
+    from eagle3.ops.promotion import current_champion, fetch_version
+    from eagle3.ops.tracking import report_metrics
 
-    t = tracker(recipe)
-    name = registered_model_name(recipe)
-    mv = t.alias_version(name, "champion")
-    if mv is None or str(mv.version) == str(exclude_version):
+    place = place_for(recipe, tracker(recipe))
+    version, _ = current_champion(place)
+    if version is None or version == str(exclude_version):
         return None
     baseline = recipe.promote.speedup_baseline
-    tags = dict(mv.tags)
+    tags = dict(place.tracker.version(place.model, version).tags)
     if tags.get("eval_set") == eval_set:
         out = gate_metrics(tags, baseline, eval_set)
-        out["version"] = str(mv.version)
+        out["version"] = version
         out["source"] = "registry tags"
         return out
     # Measured elsewhere: benchmark the champion now, under the same settings as the candidate.
     with tempfile.TemporaryDirectory(prefix="eagle3-champion-") as tmp:
-        d = fetch_draft(recipe, name, str(mv.version), Path(tmp) / "draft")
+        d = fetch_version(place, version, Path(tmp) / "draft")
         from eagle3.eval.bench import run_bench
 
         report = run_bench(recipe, str(d), progress=show_progress())
     out = gate_metrics(report_metrics(report), baseline, eval_set)
-    out["version"] = str(mv.version)
+    out["version"] = version
     out["source"] = "re-benchmarked on this eval set"
-    return out
-
-
-def fetch_draft(recipe, model: str, version: str, dest: Path) -> Path:
-    """A registered version's checkpoint: from S3 (verified) when it was promoted there, else
-    from the MLflow registry (checked against the sha256 tags of the version)."""
-    from eagle3.ops import storage
-
-    t = tracker(recipe)
-    tags = dict(t.version(model, version).tags)
-    try:
-        s = storage.settings_from_recipe(recipe.storage)
-        keys = storage.list_keys(s, storage.version_key(s, model, version) + "/")
-    except storage.StorageError:
-        keys = []
-    if keys:
-        return storage.download_version(s, model, version, dest)
-    out = t.download_version(model, version, dest.parent / "mlflow")
-    for k, v in tags.items():
-        if k.startswith("sha256."):
-            f = out / k.removeprefix("sha256.")
-            if not f.is_file() or storage.sha256_file(f) != v:
-                raise storage.IntegrityError(
-                    f"registry version {model} v{version}: {f.name} sha256 mismatch"
-                )
     return out
 
 

@@ -1,11 +1,12 @@
-"""On-demand inference against the champion.
+"""On-demand inference against the champion, confined to what it needs.
 
-Parameters: prompts (a list of strings, or an s3:// URI of a JSONL whose rows are strings or
-objects with `prompt`), temperature, max_new_tokens. Resolves the champion (S3 champion.json, or
-the MLflow alias when no S3 is configured), downloads it and verifies every sha256 BEFORE loading,
-runs the speculative engine (or, with infer.engine: vllm, a vLLM server holding the champion head
-for the length of the run), writes the outputs as JSONL next to the input in S3 and returns a
-summary (count, tau, tokens/s).
+Parameters: prompts (a list of strings, or an s3:// URI of a JSONL in the configured bucket whose
+rows are strings or objects with `prompt`), temperature, max_new_tokens, output_uri. The champion
+is what champion.json names (the MLflow alias only when no S3 is configured); it is downloaded and
+every sha256 verified BEFORE loading. Outputs go only to s3://<bucket>/<prefix>/<model>/inference/
+as a new object (never over an existing one). Overrides of the storage, tracking and promote
+settings are refused, and a deployment's run may not swap the deployment's recipe: all of it is
+checked before any work.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from flows.common import (
     tracker,
 )
 
+# Sections an inference run may not change: where champions and outputs live, and who decides.
+PROTECTED = ("storage", "tracking", "promote")
+DEFAULT_CONFIG = "configs/tiny.yaml"
+
 
 def _settings_or_none(recipe):
     from eagle3.ops import storage
@@ -37,6 +42,53 @@ def _settings_or_none(recipe):
         return None
 
 
+def check_request(config: Any, overrides: list[str] | None, deployment_config: Any) -> None:
+    """Refuse overrides of PROTECTED sections, and (in a deployment's run) another recipe."""
+    from eagle3.config import parse_override
+
+    for text in overrides or []:
+        parts, _ = parse_override(text)
+        if parts[0] in PROTECTED or parts == ["profile"]:
+            raise PermissionError(
+                f"override {text!r}: inference may not change {parts[0]} settings "
+                f"({', '.join(PROTECTED)} and the profile come from the deployment's recipe)"
+            )
+    if deployment_config is not None and config != deployment_config:
+        raise PermissionError(
+            f"config {str(config)[:120]!r}: this deployment serves {deployment_config!r}; a run "
+            "may not swap its recipe"
+        )
+
+
+def deployment_config() -> Any:
+    """The `config` parameter the running deployment was created with (None outside one)."""
+    from prefect.runtime import deployment
+
+    dep_id = deployment.id
+    if not dep_id:
+        return None
+    from prefect import get_client
+
+    with get_client(sync_client=True) as c:
+        params = c.read_deployment(dep_id).parameters or {}
+    return params.get("config", DEFAULT_CONFIG)
+
+
+def output_key(recipe, model: str, output_uri: str | None, run_id: str) -> str | None:
+    """The key the outputs go to: output_uri when it lies under <prefix>/<model>/inference/,
+    else <run id>.jsonl there (None when no S3 is configured)."""
+    from eagle3.ops import storage
+
+    s = _settings_or_none(recipe)
+    if s is None:
+        if output_uri:
+            raise storage.OutsideScope(f"output_uri {output_uri}: no S3 bucket configured")
+        return None
+    if output_uri:
+        return storage.check_output_uri(s, model, output_uri)
+    return storage.inference_prefix(s, model) + f"{run_id}.jsonl"
+
+
 @task(
     name="resolve-champion",
     retries=2,
@@ -44,30 +96,28 @@ def _settings_or_none(recipe):
     retry_condition_fn=s3_retryable,
 )
 def resolve_champion_task(recipe) -> dict:
-    from eagle3.ops import storage
-    from eagle3.ops.tracking import registered_model_name
+    from eagle3.ops import champion as ch
 
-    model = registered_model_name(recipe)
-    s = _settings_or_none(recipe)
-    if s is not None:
-        ptr = storage.read_champion(s, model)
-        if ptr:
-            return {
-                "source": "s3",
-                "model": model,
-                "version": str(ptr["version"]),
-                "uri": ptr["uri"],
-                "manifest_sha256": ptr["manifest_sha256"],
-            }
-    mv = tracker(recipe).alias_version(model, "champion")
+    place = ch.place_for(recipe, tracker(recipe))
+    if place.s3 is not None:  # champion.json is the truth; no fallback to another registry
+        ptr, _ = ch.read_pointer(place)
+        if ptr is None:
+            raise LookupError(f"no champion for {place.model}: {place.pointer_uri} does not exist")
+        return {
+            "source": "s3",
+            "model": place.model,
+            "version": str(ptr["version"]),
+            "uri": ptr["uri"],
+            "manifest_sha256": ptr["manifest_sha256"],
+        }
+    mv = place.tracker.alias_version(place.model, ch.ALIAS)
     if mv is None:
-        where = f"s3://{s.bucket}/{storage.pointer_key(s, model)}" if s else "(no S3 configured)"
-        raise LookupError(f"no champion for {model}: neither {where} nor the MLflow alias exists")
+        raise LookupError(f"no champion for {place.model}: no S3 configured and no MLflow alias")
     return {
         "source": "mlflow",
-        "model": model,
+        "model": place.model,
         "version": str(mv.version),
-        "uri": f"models:/{model}@champion",
+        "uri": f"models:/{place.model}@champion",
     }
 
 
@@ -79,22 +129,26 @@ def resolve_champion_task(recipe) -> dict:
 )
 def fetch_task(recipe, champ: dict, dest: str) -> str:
     """Download + verify; an IntegrityError is never retried and nothing is loaded."""
+    from eagle3.models.checkpoint import CheckpointError, check_checkpoint
+    from eagle3.ops import champion as ch
     from eagle3.ops import storage
+    from eagle3.ops.promotion import fetch_version
 
     if champ["source"] == "s3":
-        s = _settings_or_none(recipe)
         out = storage.download_version(
-            s,
+            _settings_or_none(recipe),
             champ["model"],
             champ["version"],
             Path(dest),
             expect_manifest_sha256=champ["manifest_sha256"],
         )
         storage.verify_local(out)
-        return str(out)
-    from flows.evaluate import fetch_draft
-
-    return str(fetch_draft(recipe, champ["model"], champ["version"], Path(dest)))
+    else:
+        out = fetch_version(ch.place_for(recipe, tracker(recipe)), champ["version"], Path(dest))
+    problems = check_checkpoint(out)
+    if problems:
+        raise CheckpointError(f"champion v{champ['version']}: " + "; ".join(problems))
+    return str(out)
 
 
 @task(
@@ -111,8 +165,10 @@ def load_prompts_task(recipe, prompts: Any) -> list[str]:
             raise ValueError(
                 f"prompts {prompts!r}: give a list of strings or an s3:// URI of a JSONL"
             )
-        s = _settings_or_none(recipe) or storage.S3Settings(bucket="-")
-        rows = storage.read_jsonl_uri(prompts, s)
+        s = _settings_or_none(recipe)
+        if s is None:
+            raise storage.OutsideScope(f"prompts {prompts}: no S3 bucket configured")
+        rows = storage.read_jsonl(s, storage.check_prompts_uri(s, prompts))
     else:
         rows = list(prompts or [])
     out = []
@@ -144,9 +200,11 @@ def generate_task(
 
     engine = eng.load_engine(recipe, draft_dir)
     tok = engine.target.tokenizer
+    encoded = [eng.encode_prompt(tok, [{"role": "user", "content": p}]) for p in prompts]
+    for i, ids in enumerate(encoded):  # every prompt, before the first generation
+        eng.check_prompt_fits(engine.target, ids, max_new_tokens or recipe.infer.max_new_tokens, i)
     rows = []
-    for p in prompts:
-        ids = eng.encode_prompt(tok, [{"role": "user", "content": p}])
+    for p, ids in zip(prompts, encoded, strict=True):
         t0 = time.perf_counter()
         res = engine.generate(
             ids, temperature=temperature, max_new_tokens=max_new_tokens, seed=recipe.seed
@@ -192,32 +250,37 @@ def generate_vllm(recipe, draft_dir, prompts, temperature, max_new_tokens) -> li
     retry_delay_seconds=RETRY_DELAYS,
     retry_condition_fn=s3_retryable,
 )
-def write_outputs_task(recipe, rows: list[dict], uri: str) -> str:
+def write_outputs_task(recipe, rows: list[dict], key: str) -> str:
     from eagle3.ops import storage
 
-    storage.write_jsonl_uri(uri, rows, _settings_or_none(recipe) or storage.S3Settings(bucket="-"))
-    return uri
-
-
-def output_uri_for(recipe, prompts: Any, model: str, run_id: str) -> str | None:
-    if isinstance(prompts, str) and prompts.startswith("s3://"):
-        base = prompts[: -len(".jsonl")] if prompts.endswith(".jsonl") else prompts
-        return f"{base}.outputs-{run_id}.jsonl"
     s = _settings_or_none(recipe)
-    return s.uri(model, "inference", f"{run_id}.jsonl") if s else None
+    try:
+        storage.write_jsonl(s, key, rows, overwrite=False)
+    except storage.PreconditionFailed:
+        # A retry after a write that landed leaves the same rows there; anything else is refused.
+        if storage.read_jsonl(s, key) != rows:
+            raise storage.OutsideScope(
+                f"s3://{s.bucket}/{key} exists; outputs never replace it"
+            ) from None
+    return f"s3://{s.bucket}/{key}"
 
 
 @flow(name="eagle3-infer", log_prints=True)
 def infer_flow(
     prompts: Any,
-    config: Any = "configs/tiny.yaml",
+    config: Any = DEFAULT_CONFIG,
     overrides: list[str] | None = None,
     temperature: float | None = None,
     max_new_tokens: int | None = None,
     output_uri: str | None = None,
 ) -> dict:
+    from eagle3.ops.tracking import registered_model_name
+
+    check_request(config, overrides, deployment_config())
     r = resolve_recipe(config, overrides)
     tag_flow_run(r)
+    run_id = flow_run_id() or time.strftime("%Y%m%dT%H%M%S")
+    out_key = output_key(r, registered_model_name(r), output_uri, run_id)  # refused up front
     texts = load_prompts_task(r, prompts)
     champ = resolve_champion_task(r)
     tmp = tempfile.mkdtemp(prefix="eagle3-infer-")
@@ -226,12 +289,9 @@ def infer_flow(
         rows = generate_task(r, draft, texts, temperature, max_new_tokens)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    run_id = flow_run_id() or time.strftime("%Y%m%dT%H%M%S")
-    out_uri = output_uri or output_uri_for(r, prompts, champ["model"], run_id)
     for row in rows:
         row["champion_version"] = champ["version"]
-    if out_uri:
-        write_outputs_task(r, rows, out_uri)
+    out_uri = write_outputs_task(r, rows, out_key) if out_key else None
     tokens = sum(x["new_tokens"] for x in rows)
     steps = sum(x["verify_steps"] for x in rows)
     secs = sum(x["seconds"] for x in rows)

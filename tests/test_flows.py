@@ -231,7 +231,7 @@ def test_promote_gate_history_and_rollback(recipe, tiny_drafts, s3_env):
 
 
 def test_s3_down_during_upload_is_retried_and_old_champion_survives(
-    recipe, tiny_drafts, s3_env, seaweed_s3
+    recipe, tiny_drafts, s3_env, seaweed_s3, monkeypatch
 ):
     from eagle3.config import build_recipe
     from eagle3.ops.tracking import registered_model_name
@@ -245,20 +245,36 @@ def test_s3_down_during_upload_is_retried_and_old_champion_survives(
     proxy = FaultProxy(seaweed_s3.ports["s3"])
     try:
         via = build_recipe(recipe.model_dump(mode="json"), [f"storage.endpoint_url={proxy.url}"])
-        # S3 stays down after the first connection: every retry fails, nothing moves
-        proxy.set_policy(lambda i: i < 1)
+        # S3 goes down after the first object of v2 and stays down: every retry fails, nothing
+        # moves, and the flow says FAILED
+        monkeypatch.setitem(
+            storage.FAULTS, "after_version_object", lambda **_: proxy.set_policy(lambda i: False)
+        )
         state = promote_flow(via, version=v2, return_state=True)
         assert state.is_failed()
         with pytest.raises(storage.S3Unavailable, match=proxy.url.replace(".", r"\.")):
             state.result()
         (upload,) = task_runs(state)["upload-to-s3"]
         assert upload.run_count == 4  # 1 + 3 retries
+        assert "commit-champion-pointer" not in task_runs(state)
         assert storage.read_champion(s3_env, model)["version"] == v1
         assert champion_alias(recipe) == v1
+        assert storage.read_manifest(s3_env, model, v2) is None  # an unfinished upload
 
-        # S3 drops mid-upload (connections 1-3 after the access check), then comes back: the
-        # retry completes the promotion
-        proxy.set_policy(lambda i: not 1 <= i <= 3)
+        # S3 drops after the first object, and is back when the task is retried: the retry
+        # completes the unfinished upload and the promotion
+        attempts = []
+        monkeypatch.setitem(
+            storage.FAULTS,
+            "before_version_upload",
+            lambda **_: attempts.append(1) or proxy.set_policy(lambda i: True),
+        )
+        monkeypatch.setitem(
+            storage.FAULTS,
+            "after_version_object",
+            lambda **_: len(attempts) == 1 and proxy.set_policy(lambda i: False),
+        )
+        proxy.set_policy(lambda i: True)
         state = promote_flow(via, version=v2, return_state=True)
         assert state.is_completed(), state
         (upload,) = task_runs(state)["upload-to-s3"]
@@ -280,8 +296,10 @@ def test_wrong_credentials_fail_fast_naming_the_endpoint(recipe, tiny_drafts, s3
     with pytest.raises(storage.S3AuthError) as e:
         state.result()
     assert s3_env.endpoint_url in str(e.value) and "wrong-secret-value" not in str(e.value)
-    (upload,) = task_runs(state)["upload-to-s3"]
-    assert upload.run_count == 1  # bad keys are not retried
+    runs = task_runs(state)
+    (first,) = runs["fetch-draft"]  # the first stage that reaches S3
+    assert first.run_count == 1  # bad keys are not retried
+    assert "upload-to-s3" not in runs
     assert champion_alias(recipe) is None
 
 
@@ -320,20 +338,16 @@ def test_inference_detects_a_corrupted_champion_before_loading(recipe, tiny_draf
 
 
 def test_prompts_from_a_list_or_s3_jsonl(tiny_recipe, s3_env):
-    from flows.infer import load_prompts_task, output_uri_for
+    from flows.infer import load_prompts_task, output_key
 
     assert load_prompts_task.fn(tiny_recipe, ["a", {"prompt": "b"}]) == ["a", "b"]
     uri = f"s3://{s3_env.bucket}/in/p.jsonl"
     storage.write_jsonl_uri(uri, ["x", {"prompt": "y", "id": 3}], s3_env)
     assert load_prompts_task.fn(tiny_recipe, uri) == ["x", "y"]
-    assert (
-        output_uri_for(tiny_recipe, uri, "m", "RUN")
-        == f"s3://{s3_env.bucket}/in/p.outputs-RUN.jsonl"
-    )
-    assert (
-        output_uri_for(tiny_recipe, ["x"], "m", "RUN")
-        == f"s3://{s3_env.bucket}/eagle3/m/inference/RUN.jsonl"
-    )
+    # outputs go under <prefix>/<model>/inference/, whatever the prompts' location
+    assert output_key(tiny_recipe, "m", None, "RUN") == "eagle3/m/inference/RUN.jsonl"
+    ok = f"s3://{s3_env.bucket}/eagle3/m/inference/mine.jsonl"
+    assert output_key(tiny_recipe, "m", ok, "RUN") == "eagle3/m/inference/mine.jsonl"
     with pytest.raises(ValueError, match="prompt 1"):
         load_prompts_task.fn(tiny_recipe, ["ok", {"text": "no prompt key"}])
     with pytest.raises(ValueError, match="s3:// URI"):

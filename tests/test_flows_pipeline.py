@@ -107,7 +107,8 @@ def test_pipeline_end_to_end_on_tiny(tmp_path, s3_env, mlflow_sqlite, prefect_ha
     gpu_tasks = {r.name.rsplit("-", 1)[0] for r in subruns if "gpu" in r.tags}
     assert {"generate-data", "train-draft", "benchmark"} <= gpu_tasks
 
-    # on-demand inference: prompts from an S3 JSONL, the champion from S3, outputs next to the input
+    # on-demand inference: prompts from an S3 JSONL, the champion from S3, outputs in the model's
+    # inference/ folder
     prompts_uri = f"s3://{s3_env.bucket}/jobs/prompts.jsonl"
     storage.write_jsonl_uri(prompts_uri, [{"prompt": "Say hello."}, "Name a colour."], s3_env)
     res = infer_flow(prompts_uri, config=recipe, max_new_tokens=8)
@@ -115,7 +116,7 @@ def test_pipeline_end_to_end_on_tiny(tmp_path, s3_env, mlflow_sqlite, prefect_ha
         res["count"] == 2 and res["champion"]["version"] == v and res["champion"]["source"] == "s3"
     )
     assert res["tau"] >= 1.0 and res["tokens_per_s"] > 0
-    assert res["output_uri"].startswith(f"s3://{s3_env.bucket}/jobs/prompts.outputs-")
+    assert res["output_uri"].startswith(f"s3://{s3_env.bucket}/eagle3/{model}/inference/")
     rows = storage.read_jsonl_uri(res["output_uri"], s3_env)
     assert [r["prompt"] for r in rows] == ["Say hello.", "Name a colour."]
     assert all(1 <= r["new_tokens"] <= 8 and r["champion_version"] == v for r in rows)

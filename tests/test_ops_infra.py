@@ -150,3 +150,39 @@ def test_prefect_yaml_deployments():
     assert deps["scheduled"].schedules and deps["scheduled"].schedules[0].cron == "0 3 * * 1"
     assert not deps["on-demand"].schedules
     assert deps["scheduled-gpu"].work_pool.job_variables["gpus"] == 1
+
+
+def test_workers_get_a_least_privilege_bucket_user():
+    """The worker and MLflow never hold MinIO's root credentials; their users may touch only
+    their part of the bucket (the worker writes only under eagle3/, MLflow only artifacts)."""
+    services = load(INFRA / "compose.yaml")["services"]
+    for name in ("worker-gpu", "mlflow"):
+        env = services[name]["environment"]
+        assert "MINIO_ROOT" not in json.dumps(env), name
+        assert env["AWS_ACCESS_KEY_ID"] != services["minio"]["environment"]["MINIO_ROOT_USER"]
+    assert "EAGLE3_WORKER_S3_KEY" in services["worker-gpu"]["environment"]["AWS_ACCESS_KEY_ID"]
+    assert "EAGLE3_MLFLOW_S3_KEY" in services["mlflow"]["environment"]["AWS_ACCESS_KEY_ID"]
+    init = " ".join(services["minio-init"]["command"])
+    assert "for who in worker mlflow" in init and '"/policies/$$who-policy.json"' in init
+    assert "./minio:/policies:ro" in services["minio-init"]["volumes"]
+    for who in ("worker", "mlflow"):
+        key = f"EAGLE3_{who.upper()}_S3_KEY"
+        assert f'mc admin policy attach local eagle3-{who} --user "$${key}"' in init
+
+    def grants(who: str) -> dict[str, set[str]]:
+        policy = json.loads((INFRA / "minio" / f"{who}-policy.json").read_text())
+        out: dict[str, set[str]] = {}
+        for st in policy["Statement"]:
+            assert st["Effect"] == "Allow"
+            for a in st["Action"]:
+                assert "*" not in a and not a.startswith("admin:"), (who, a)
+                out.setdefault(a, set()).update(st["Resource"])
+        return out
+
+    bucket = "arn:aws:s3:::EAGLE3_BUCKET"
+    w = grants("worker")
+    assert w["s3:PutObject"] == w["s3:DeleteObject"] == {f"{bucket}/eagle3/*"}
+    assert w["s3:GetObject"] == {f"{bucket}/*"} and w["s3:ListBucket"] == {bucket}
+    m = grants("mlflow")
+    assert m["s3:PutObject"] == m["s3:GetObject"] == {f"{bucket}/mlflow-artifacts/*"}
+    assert not {"s3:CreateBucket", "s3:DeleteBucket", "s3:PutBucketPolicy"} & (set(w) | set(m))

@@ -56,7 +56,8 @@ def test_stack_up_status_down(tmp_path, monkeypatch):
         monkeypatch.delenv(k, raising=False)
     state = tmp_path / "stack"
     lines: list[str] = []
-    s = st.stack_up(state, ports=ports, echo=lines.append)
+    # detach_servers=False: the servers stop with this test session if it is killed
+    s = st.stack_up(state, ports=ports, echo=lines.append, detach_servers=False)
     try:
         # healthy, on the ports asked for, loopback only
         rows = {r["component"]: r for r in st.stack_status(state)}
@@ -77,7 +78,7 @@ def test_stack_up_status_down(tmp_path, monkeypatch):
         s3.head_bucket(Bucket=env["EAGLE3_S3_BUCKET"])
 
         # idempotent: a second `up` reuses the same processes
-        again = st.stack_up(state, ports=ports, echo=lines.append)
+        again = st.stack_up(state, ports=ports, echo=lines.append, detach_servers=False)
         assert again.pids == s.pids
         assert any("already running" in x for x in lines)
 
@@ -86,6 +87,15 @@ def test_stack_up_status_down(tmp_path, monkeypatch):
         applied = st.load_stack_env(state)
         assert os.environ["EAGLE3_S3_BUCKET"] == "mine" and "EAGLE3_S3_BUCKET" not in applied
         assert os.environ["MLFLOW_TRACKING_URI"] == env["MLFLOW_TRACKING_URI"]
+
+        # MLflow proxies artifacts into the bucket, but only under mlflow-artifacts/: a path that
+        # climbs out of it (towards the champion pointer's prefix) is refused
+        assert not _mlflow_artifact_put(s.mlflow_url, "../eagle3/intruder.txt")
+        assert not _mlflow_artifact_put(s.mlflow_url, "%2E%2E/eagle3/intruder.txt")
+        keys = [
+            o["Key"] for o in s3.list_objects_v2(Bucket=env["EAGLE3_S3_BUCKET"]).get("Contents", [])
+        ]
+        assert not any(k.startswith("eagle3/") for k in keys), keys
 
         # the CLI reports the same (exit 0 when all are healthy)
         cli = subprocess.run(
@@ -121,12 +131,39 @@ def test_stack_refuses_a_taken_port(tmp_path):
             st.stack_up(tmp_path / "s", ports={"prefect": taken, "mlflow": free, "s3": free + 1})
 
 
-def test_stale_stack_env_is_ignored(tmp_path, monkeypatch):
+def test_a_stack_env_whose_servers_are_gone_is_refused(tmp_path, monkeypatch):
+    """A stack that was not brought down (a reboot, a crash) is not silently replaced by another
+    Prefect server, registry or bucket: the servers that are gone are named."""
     d = tmp_path / "stale"
     s = st.Stack(dir=d, pids={"s3": 999999, "mlflow": 999998, "prefect": 999997})
     s.access_key, s.secret_key = "k", "s"
     s.save()
     s.write_env()
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert st.load_stack_env(d) == {}
+    for k in st.ENV_KEYS:
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(st.StackError, match="s3 .*mlflow .*prefect .*eagle3 stack up"):
+        st.load_stack_env(d)
     assert "MLFLOW_TRACKING_URI" not in os.environ
+    # what the environment sets explicitly does not need the stack
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")
+    with pytest.raises(st.StackError) as e:
+        st.load_stack_env(d, need=("mlflow", "prefect"))
+    assert "mlflow" not in str(e.value) and "prefect" in str(e.value)
+    assert st.load_stack_env(d, need=("mlflow",)) == {}
+    # after `stack down` there is no stack.env: nothing to use, nothing refused
+    st.stack_down(d, echo=lambda *_: None)
+    assert st.load_stack_env(d) == {}
+
+
+def _mlflow_artifact_put(mlflow_url: str, path: str) -> bool:
+    """True if MLflow's artifact proxy accepted an unsigned PUT of `path`."""
+    import urllib.error
+    import urllib.request
+
+    url = f"{mlflow_url}/api/2.0/mlflow-artifacts/artifacts/{path}"
+    req = urllib.request.Request(url, data=b"intruder", method="PUT")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 (loopback)
+            return 200 <= r.status < 300
+    except (urllib.error.URLError, OSError):
+        return False

@@ -1,5 +1,6 @@
-"""S3 storage against a real SeaweedFS: verified uploads, the champion pointer and its history,
-rollback, corrupted objects, wrong credentials and an unreachable endpoint."""
+"""S3 storage against a real SeaweedFS: verified, immutable, resumable uploads, conditional writes,
+corrupted objects, wrong credentials and an unreachable endpoint (the champion pointer and
+promotions: test_flows.py and test_faults.py)."""
 
 from __future__ import annotations
 
@@ -38,9 +39,12 @@ def draft_dir(tmp_path):
     return make_draft(tmp_path / "draft")
 
 
-def test_upload_verify_and_pointer_history(s3_env, draft_dir, tmp_path):
+ME = {"registry_id": "reg-A", "mlflow_run_id": "run-1"}
+
+
+def test_upload_verify_and_immutable_versions(s3_env, draft_dir, tmp_path):
     s = s3_env
-    up = storage.upload_version(s, "eagle3-m", "1", draft_dir, {"metrics": {"tau": 1.5}})
+    up = storage.upload_version(s, "eagle3-m", "1", draft_dir, {**ME, "metrics": {"tau": 1.5}})
     assert up["uri"] == f"s3://{s.bucket}/eagle3/eagle3-m/v1/"
     keys = set(storage.list_keys(s, "eagle3/eagle3-m/v1/"))
     assert keys == {
@@ -52,30 +56,79 @@ def test_upload_verify_and_pointer_history(s3_env, draft_dir, tmp_path):
         data = storage.get_bytes(s, f"eagle3/eagle3-m/v1/{name}")
         assert storage.sha256_bytes(data) == info["sha256"] == storage.sha256_file(draft_dir / name)
     assert man["metrics"] == {"tau": 1.5} and man["version"] == "1"
+    assert man["registry_id"] == "reg-A" and man["mlflow_run_id"] == "run-1"
 
-    assert storage.read_champion(s, "eagle3-m") is None
-    new, old = storage.write_champion(s, "eagle3-m", "1", up)
-    assert old is None and new["version"] == "1" and new["history"] == []
-    up2 = storage.upload_version(s, "eagle3-m", "2", make_draft(tmp_path / "d2", seed=1), {})
-    new2, old2 = storage.write_champion(s, "eagle3-m", "2", up2)
-    assert old2["version"] == "1"
-    assert [h["version"] for h in new2["history"]] == ["1"]
-    ptr = storage.read_champion(s, "eagle3-m")
-    assert ptr["version"] == "2" and ptr["manifest_sha256"] == up2["manifest_sha256"]
+    # the same upload again (a retried task) adopts what is there, byte for byte
+    again = storage.upload_version(s, "eagle3-m", "1", draft_dir, {**ME, "metrics": {"tau": 9}})
+    assert again["manifest_sha256"] == up["manifest_sha256"]
+    # other content, or the same content from another registry or run: refused, nothing changes
+    other = make_draft(tmp_path / "other", seed=1)
+    with pytest.raises(storage.VersionConflict, match="model.safetensors"):
+        storage.upload_version(s, "eagle3-m", "1", other, ME)
+    for k, v in (("registry_id", "reg-B"), ("mlflow_run_id", "run-9")):
+        with pytest.raises(storage.VersionConflict, match=k):
+            storage.upload_version(s, "eagle3-m", "1", draft_dir, {**ME, k: v})
+    assert (
+        storage.verify_version(s, "eagle3-m", "1", up["manifest_sha256"])["registry_id"] == "reg-A"
+    )
 
-    # writing the same pointer again (a retried task) changes nothing and still knows v1
-    again, before = storage.write_champion(s, "eagle3-m", "2", up2)
-    assert again == ptr and before["version"] == "1" and before["history"] == []
-    back, cur = storage.rollback_champion(s, "eagle3-m")
-    assert cur["version"] == "2" and back["version"] == "1" and back["rolled_back_from"] == "2"
-    assert storage.read_champion(s, "eagle3-m")["version"] == "1"
-    with pytest.raises(storage.StorageError, match="no previous champion"):
-        storage.rollback_champion(s, "eagle3-m")
+
+def test_an_unfinished_upload_is_completed_by_the_retry(s3_env, draft_dir, tmp_path):
+    """An upload cut after its first object leaves no manifest: the version is not committed,
+    readers never see it, and the retry writes it whole."""
+    s = s3_env
+    stale = make_draft(tmp_path / "stale", seed=3)
+    storage.put_bytes(s, "eagle3/m/v2/config.json", (stale / "config.json").read_bytes())
+    storage.put_bytes(s, "eagle3/m/v2/model.safetensors", b"half of a file")
+    assert storage.read_manifest(s, "m", "2") is None
+    with pytest.raises(storage.IntegrityError, match="never committed"):
+        storage.verify_version(s, "m", "2")
+    up = storage.upload_version(s, "m", "2", draft_dir, ME)
+    man = storage.verify_version(s, "m", "2", up["manifest_sha256"])
+    assert man["files"]["model.safetensors"]["sha256"] == storage.sha256_file(
+        draft_dir / "model.safetensors"
+    )
+
+
+def test_conditional_writes_are_honoured(s3_env):
+    """What the champion pointer relies on, checked on SeaweedFS 4.48: If-None-Match creates
+    once, If-Match on a stale ETag is refused, and of writers racing on one ETag one wins."""
+    import threading
+
+    s = s3_env
+    tag = storage.put_bytes(s, "cas/k", b"one", if_none_match=True)
+    with pytest.raises(storage.PreconditionFailed):
+        storage.put_bytes(s, "cas/k", b"two", if_none_match=True)
+    new = storage.put_bytes(s, "cas/k", b"three", if_match=tag)
+    with pytest.raises(storage.PreconditionFailed):
+        storage.put_bytes(s, "cas/k", b"four", if_match=tag)  # stale
+    with pytest.raises(storage.PreconditionFailed):
+        storage.delete_key(s, "cas/k", if_match=tag)
+    assert storage.get_object(s, "cas/k") == (b"three", new)
+    for rnd in range(5):
+        base = storage.put_bytes(s, "cas/race", f"base{rnd}".encode())
+        wins, start = [], threading.Barrier(6)
+
+        def write(i, base=base, wins=wins, start=start):
+            start.wait()
+            try:
+                storage.put_bytes(s, "cas/race", f"w{i}".encode(), if_match=base)
+                wins.append(i)
+            except storage.PreconditionFailed:
+                pass
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(wins) == 1, wins
+        assert storage.get_bytes(s, "cas/race") == f"w{wins[0]}".encode()
 
 
 def test_download_verifies_and_detects_corruption(s3_env, draft_dir, tmp_path):
     s = s3_env
-    up = storage.upload_version(s, "m", "3", draft_dir, {})
+    up = storage.upload_version(s, "m", "3", draft_dir, ME)
     out = storage.download_version(s, "m", "3", tmp_path / "dl", up["manifest_sha256"])
     assert (out / "model.safetensors").read_bytes() == (
         draft_dir / "model.safetensors"

@@ -40,7 +40,14 @@ from eagle3.data.features import (
 )
 from eagle3.data.regenerate import RegenResult, RegenStats, regenerate_hf, regenerate_openai
 from eagle3.data.samples import TokenSample
-from eagle3.data.sources import Conversation, Skip, load_conversations
+from eagle3.data.sources import (
+    Conversation,
+    Skip,
+    SourceError,
+    load_conversations,
+    reason_counts,
+    require_usable,
+)
 from eagle3.data.vocab import DraftVocab, build_draft_vocab, count_tokens
 
 log = logging.getLogger(__name__)
@@ -462,6 +469,7 @@ def run_data(
     emit = callback or (lambda event: None)
     with _locked(data_dir):
         loaded = load_conversations(recipe)
+        require_usable(loaded)
         holder = _Target(recipe, target)
         identity = target_identity(recipe)
         template_sha = chat_template_sha256(holder.tokenizer())
@@ -514,9 +522,11 @@ def run_data(
         val = split_val_ids(ids, d.val_fraction)
         train = [s for s in samples if s.sample_id not in val]
         if not train:
-            raise ValueError(
-                f"no training sample survived ({len(skipped)} skipped; first reasons: "
-                f"{[(s.id, s.reason) for s in skipped[:3]]})"
+            counts = ", ".join(f"{n} x {r}" for r, n in reason_counts(skipped).items())
+            raise SourceError(
+                f"no training sample survived in {data_dir}: {len(samples)} samples, "
+                f"{len(skipped)} skipped ({counts or 'none'}); first: "
+                f"{[(s.id, s.reason) for s in skipped[:3]]}"
             )
 
         if d.features:

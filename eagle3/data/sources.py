@@ -419,6 +419,25 @@ def load_conversations(recipe, limit: int | None = None) -> Loaded:
     return out
 
 
+def reason_counts(skipped: list[Skip]) -> dict[str, int]:
+    """Skip reasons by kind (the text before the first colon), most frequent first."""
+    from collections import Counter
+
+    c = Counter(sk.reason.split(":")[0].strip() or "unknown" for sk in skipped)
+    return dict(c.most_common())
+
+
+def require_usable(loaded: Loaded) -> None:
+    """Refuse, before any work, sources that gave no usable conversation: name each file, how
+    many records it held and why they were skipped."""
+    if loaded.conversations:
+        return
+    files = "; ".join(f"{i.path} ({i.read} records, {i.bad} bad)" for i in loaded.sources)
+    reasons = reason_counts(loaded.skipped)
+    why = ", ".join(f"{n} x {r}" for r, n in reasons.items()) if reasons else "the files are empty"
+    raise SourceError(f"no usable conversation in {files or 'data.sources'}: {why}")
+
+
 def load_eval_prompts(name: str, limit: int | None = None, recipe=None) -> list[EvalPrompt]:
     """User turns of a named eval set (mt_bench: 2 turns; humaneval, gsm8k: 1), in file order."""
     info = resolve_source(name, recipe=recipe)

@@ -96,6 +96,23 @@ class _Stopper:
 PAD_HEADROOM = 4
 
 
+class PromptTooLong(ValueError):
+    """A prompt that, with the tokens asked for, does not fit the target's context."""
+
+
+def check_prompt_fits(target, input_ids, max_new_tokens: int, index: int | None = None) -> None:
+    """Refuse, before any forward, a prompt whose answer would run past the target's context."""
+    ctx = getattr(getattr(target, "config", None), "max_position_embeddings", None)
+    n = len(input_ids)
+    if ctx and n + max_new_tokens > ctx:
+        which = "the prompt" if index is None else f"prompt {index}"
+        raise PromptTooLong(
+            f"{which} has {n:,} tokens; with max_new_tokens {max_new_tokens} it needs "
+            f"{n + max_new_tokens:,} positions, but the target's context is {ctx:,}: shorten "
+            "the prompt or lower max_new_tokens"
+        )
+
+
 class SpecEngine:
     """EAGLE-3 speculative decoding for batch 1 on any Runner."""
 
@@ -161,6 +178,7 @@ class SpecEngine:
         if self.drafter is None:
             raise RuntimeError("SpecEngine has no draft head: use generate_ar")
         temperature, max_new, stop = self._args(temperature, max_new_tokens, stop)
+        check_prompt_fits(self.target, input_ids, max_new)
         depth, top_k, total = self.tree_shape()
         sampler = _Sampler(temperature, self.cfg.top_p, self.cfg.top_k_sampling, seed)
         stopper = _Stopper(self.target.eos_token_ids, stop, self.target.tokenizer, max_new)
@@ -250,6 +268,7 @@ class SpecEngine:
         seed: int | None = None,
     ) -> GenerationResult:
         temperature, max_new, stop = self._args(temperature, max_new_tokens, stop)
+        check_prompt_fits(self.target, input_ids, max_new)
         sampler = _Sampler(temperature, self.cfg.top_p, self.cfg.top_k_sampling, seed)
         stopper = _Stopper(self.target.eos_token_ids, stop, self.target.tokenizer, max_new)
         runner, dev = self.runner, self.target.device

@@ -23,6 +23,9 @@ from eagle3.models.variants import unsupported_variants
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# config.json["eagle3"][WEIGHTS_SHA256]: the sha256 of model.safetensors, written by save_draft and
+# checked by check_checkpoint (a flipped byte in the weights is found before anything loads them).
+WEIGHTS_SHA256 = "weights_sha256"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CONFIG_FIELDS = (
     "hidden_size",
@@ -171,6 +174,7 @@ def write_checkpoint(out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        cfg = {**cfg, "eagle3": {**cfg.get("eagle3", {}), WEIGHTS_SHA256: _sha256(tmp / WEIGHTS_FILE)}}
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
         _replace_dir(tmp, out)
     except BaseException:
@@ -191,6 +195,16 @@ def save_draft(
     """Write the portable checkpoint atomically; `extra` merges into the config's `eagle3` block."""
     cfg = with_dtype(draft.config, dtype, extra)
     return write_checkpoint(out_dir, draft_tensors(draft, cfg.torch_dtype), hf_config(cfg))
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -300,6 +314,13 @@ def check_checkpoint(ckpt_dir: str | Path) -> list[str]:
     problems += _check_config(cfg) + unsupported_variants(cfg)
     if not (d / WEIGHTS_FILE).is_file():
         return problems + [f"{WEIGHTS_FILE}: missing"]
+    want = (cfg.get("eagle3") or {}).get(WEIGHTS_SHA256)
+    got = _sha256(d / WEIGHTS_FILE) if want is not None else None
+    if got != want:
+        problems.append(
+            f"{WEIGHTS_FILE}: sha256 {got[:16]}… does not match config.json's "
+            f"eagle3.{WEIGHTS_SHA256} {str(want)[:16]}… (damaged or replaced after saving)"
+        )
     try:
         c = draft_config_from_hf(cfg)
     except (CheckpointError, KeyError, TypeError) as e:

@@ -5,6 +5,11 @@ and writes `<state>/stack.env` (CONTRACTS.md §1); it is idempotent. `down` stop
 process groups it started (pids recorded in `<state>/stack.json`, checked against their command
 line so that a recycled pid is never signalled). `status` reports each component.
 
+Each server runs under a keeper (eagle3/ops/keeper.py) that kills it when the keeper dies and
+stops it when its owner goes away: a test session, or a `stack up` killed before the stack was
+healthy, leaves no server behind; a `stack up` that finished detaches, and `stack down` stops
+the stack. SeaweedFS takes writes only with the S3 keys (eagle3/ops/weed_security.py).
+
 Everything binds 127.0.0.1. State (pids, logs, data, credentials) lives under `.eagle3/stack/`.
 Only the standard library is imported at module level; boto3 is imported lazily.
 """
@@ -40,6 +45,19 @@ ENV_KEYS = (
     "EAGLE3_S3_BUCKET",
 )
 COMPONENTS = ("s3", "mlflow", "prefect")
+# Which component serves each stack.env variable (what a command needs decides what must be up).
+SERVES = {
+    "PREFECT_API_URL": "prefect",
+    "MLFLOW_TRACKING_URI": "mlflow",
+    "AWS_ENDPOINT_URL_S3": "s3",
+    "AWS_ACCESS_KEY_ID": "s3",
+    "AWS_SECRET_ACCESS_KEY": "s3",
+    "AWS_DEFAULT_REGION": "s3",
+    "EAGLE3_S3_BUCKET": "s3",
+}
+# Owner ends of the keepers' pipes, by keeper pid: closing one (or this process dying) stops
+# that server unless it was detached.
+_OWNED: dict[int, object] = {}
 # The SeaweedFS services besides S3; each gets an http port and a gRPC port (http + 10000, which
 # is also where weed's own workers dial the admin server).
 _WEED_SERVICES = ("master", "volume", "filer", "admin")
@@ -342,6 +360,8 @@ def _component_env(st: Stack, name: str) -> dict[str, str]:
     }
     if name == "s3":
         env.update(creds)
+        for k in [k for k in env if k.startswith("WEED_")]:
+            del env[k]  # they would override security.toml
     elif name == "mlflow":
         env.update(creds)
         env["MLFLOW_S3_ENDPOINT_URL"] = st.s3_url
@@ -357,24 +377,52 @@ def _component_env(st: Stack, name: str) -> dict[str, str]:
 
 
 def _spawn(st: Stack, name: str) -> int:
+    """Start a component under a keeper owned by this process; returns the keeper's pid (which
+    leads the component's process group)."""
+    from eagle3.ops.weed_security import ensure_security
+
     cmd = {"s3": _weed_cmd, "mlflow": _mlflow_cmd, "prefect": _prefect_cmd}[name](st)
     log = st.log_path(name)
     log.parent.mkdir(parents=True, exist_ok=True)
     (st.dir / "prefect").mkdir(parents=True, exist_ok=True)
     (st.dir / "s3-data").mkdir(parents=True, exist_ok=True)
+    if name == "s3":
+        ensure_security(st.dir)  # weed reads ./security.toml
+    keeper = [sys.executable, str(Path(__file__).with_name("keeper.py")), "--"]
     with open(log, "ab") as fh:
         fh.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n".encode())
         fh.flush()
         proc = subprocess.Popen(
-            cmd,
+            keeper + cmd,
             stdout=fh,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             env=_component_env(st, name),
             cwd=str(st.dir),
             start_new_session=True,  # its own process group: `down` stops exactly this group
         )
+    _OWNED[proc.pid] = proc.stdin
     return proc.pid
+
+
+def detach(pid: int) -> None:
+    """Let a server we started outlive this process (`stack up` once the stack is healthy)."""
+    pipe = _OWNED.pop(pid, None)
+    if pipe is not None:
+        try:
+            pipe.write(b"detach\n")
+            pipe.close()
+        except OSError:
+            pass
+
+
+def _release(pid: int) -> None:
+    pipe = _OWNED.pop(pid, None)
+    if pipe is not None:
+        try:
+            pipe.close()
+        except OSError:
+            pass
 
 
 def _wait_healthy(st: Stack, names: list[str], timeout: float, echo) -> None:
@@ -422,8 +470,13 @@ def stack_up(
     bucket: str | None = None,
     timeout: float = 180.0,
     echo=print,
+    detach_servers: bool = True,
 ) -> Stack:
-    """Start what is not running, wait for health, create the bucket, write stack.env."""
+    """Start what is not running, wait for health, create the bucket, write stack.env.
+
+    If this fails or is interrupted, the servers it started are stopped (killed: their keepers
+    stop them). Once the stack is healthy they are detached, unless `detach_servers` is False
+    (tests: they then stop with this process)."""
     d = state_dir(dir)
     d.mkdir(parents=True, exist_ok=True)
     st = Stack.load(d)
@@ -461,23 +514,36 @@ def stack_up(
         st.weed_base = free_port_block(len(_WEED_SERVICES) + 1)
     if not to_start:
         echo(f"stack already running (state {d})")
-    # S3 first: MLflow's artifact destination needs the bucket.
-    if "s3" in to_start:
-        st.pids["s3"] = _spawn(st, "s3")
-        st.save()
-        echo(f"  s3       started (pid {st.pids['s3']})")
-    _wait_healthy(st, ["s3"], timeout, echo if "s3" in to_start else _quiet)
-    ensure_bucket(st)
-    for name in ("mlflow", "prefect"):
-        if name in to_start:
-            st.pids[name] = _spawn(st, name)
+    started: list[str] = []
+    try:
+        # S3 first: MLflow's artifact destination needs the bucket.
+        if "s3" in to_start:
+            st.pids["s3"] = _spawn(st, "s3")
+            started.append("s3")
             st.save()
-            echo(f"  {name:8s} started (pid {st.pids[name]})")
-    st.save()
-    started = [n for n in ("mlflow", "prefect") if n in to_start]
-    _wait_healthy(st, started, timeout, echo)
-    _wait_healthy(st, [n for n in ("mlflow", "prefect") if n not in started], 10, _quiet)
-    st.write_env()
+            echo(f"  s3       started (pid {st.pids['s3']})")
+        _wait_healthy(st, ["s3"], timeout, echo if "s3" in to_start else _quiet)
+        ensure_bucket(st)
+        for name in ("mlflow", "prefect"):
+            if name in to_start:
+                st.pids[name] = _spawn(st, name)
+                started.append(name)
+                st.save()
+                echo(f"  {name:8s} started (pid {st.pids[name]})")
+        st.save()
+        fresh = [n for n in ("mlflow", "prefect") if n in to_start]
+        _wait_healthy(st, fresh, timeout, echo)
+        _wait_healthy(st, [n for n in ("mlflow", "prefect") if n not in fresh], 10, _quiet)
+        st.write_env()
+    except BaseException:
+        for name in reversed(started):  # never leave half a stack that nobody will stop
+            stop_pid(st.pids[name], st.marker(name))
+            st.pids.pop(name, None)
+        st.save()
+        raise
+    if detach_servers:
+        for name in started:
+            detach(st.pids[name])
     return st
 
 
@@ -509,6 +575,7 @@ def ensure_bucket(st: Stack) -> None:
 
 def stop_pid(pid: int, marker: str, grace: float = 15.0) -> bool:
     """SIGTERM the process group we started (pid == pgid), then SIGKILL after `grace` seconds."""
+    _release(pid)
     if not pid_alive(pid, marker):
         return False
     try:
@@ -572,27 +639,52 @@ def stack_status(dir: str | Path | None = None) -> list[dict]:
     return rows
 
 
-def load_stack_env(dir: str | Path | None = None, require_healthy: bool = False) -> dict[str, str]:
-    """Set the stack.env variables that the environment does not already set; return those set.
+def load_stack_env(dir: str | Path | None = None, need=COMPONENTS) -> dict[str, str]:
+    """Set the stack.env variables that the environment does not already set, for the components
+    in `need`; return those set. An explicit environment always wins.
 
-    An explicit environment always wins. A stack.env whose servers are gone is ignored (a stale
-    file would otherwise send every command to a dead port).
+    When stack.env exists (a stack was brought up and not brought down) and a server that a
+    needed variable comes from is not running, StackError names it: a command never falls back
+    silently to another Prefect server, registry or bucket.
     """
-    path = state_dir(dir) / "stack.env"
+    d = state_dir(dir)
+    path = d / "stack.env"
     if not path.is_file():
         return {}
-    values = parse_env_file(path)
-    st = Stack.load(state_dir(dir))
-    if not all(st.running(n) for n in COMPONENTS):
-        return {}
-    if require_healthy and not all(st.healthy(n) for n in COMPONENTS):
-        return {}
-    applied = {}
-    for k, v in values.items():
-        if k in ENV_KEYS and k not in os.environ:
-            os.environ[k] = v
-            applied[k] = v
-    return applied
+    st = Stack.load(d)
+    take = {
+        k: v
+        for k, v in parse_env_file(path).items()
+        if k in ENV_KEYS and k not in os.environ and SERVES[k] in need
+    }
+    wanted = [n for n in COMPONENTS if n in {SERVES[k] for k in take}]
+    down = [n for n in wanted if not st.running(n)]
+    if down:
+        what = ", ".join(f"{n} (pid {st.pids.get(n, '-')}, {st.url(n)})" for n in down)
+        raise StackError(
+            f"the local stack in {d} is down: {what}; run `eagle3 stack up` to start it again, "
+            "or `eagle3 stack down` to stop using it"
+        )
+    os.environ.update(take)
+    return take
+
+
+def check_servers(need=COMPONENTS, timeout: float = 5.0) -> None:
+    """The Prefect and MLflow servers the environment points at answer; StackError names those
+    that do not (S3 is checked with the recipe's bucket: eagle3.ops.storage.check_access)."""
+    down = []
+    prefect = os.environ.get("PREFECT_API_URL")
+    if "prefect" in need and prefect and not http_ok(f"{prefect.rstrip('/')}/health", timeout):
+        down.append(f"Prefect at {prefect}")
+    mlflow = os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if "mlflow" in need and mlflow.startswith("http"):
+        if not http_ok(f"{mlflow.rstrip('/')}/health", timeout):
+            down.append(f"MLflow at {mlflow}")
+    if down:
+        raise StackError(
+            f"{' and '.join(down)} {'does' if len(down) == 1 else 'do'} not answer; start it "
+            "(`eagle3 stack up` for the local stack) or point the environment elsewhere"
+        )
 
 
 def parse_env_file(path: Path) -> dict[str, str]:

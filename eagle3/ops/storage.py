@@ -1,13 +1,14 @@
-"""S3 through boto3: versioned draft uploads verified by sha256, the champion pointer, downloads.
+"""S3 through boto3: immutable draft versions verified by sha256, conditional writes, downloads.
 
 Layout (CONTRACTS.md §6):
     s3://<bucket>/<prefix>/<registered model>/v<version>/{config.json, model.safetensors, manifest.json}
-    s3://<bucket>/<prefix>/<registered model>/champion.json      (written last, after verification)
+    s3://<bucket>/<prefix>/<registered model>/champion.json   (eagle3.ops.champion: moved by CAS)
 
-champion.json holds the promoted version, the sha256 of its manifest and the `history` of earlier
-champions (newest last), which `rollback` pops. Every object is read back and hashed before the
-pointer moves; downloads are hashed before anyone loads them. The S3 keys are never logged: error
-messages name the endpoint, the bucket and the key of the object, nothing else.
+A version is written once: its files first, then manifest.json with If-None-Match, which commits
+it. A prefix without a manifest is an unfinished upload that a retry completes; a manifest with
+other content or another registry's identity is never overwritten. Every object is read back and
+hashed before a pointer may name it; downloads are hashed before anyone loads them. The S3 keys
+are never logged: error messages name the endpoint, the bucket and the key, nothing else.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,14 @@ class S3AuthError(StorageError):
 
 class IntegrityError(StorageError):
     """An object's bytes do not match the sha256 recorded for it."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write lost: the object changed (If-Match) or exists (If-None-Match)."""
+
+
+class VersionConflict(StorageError):
+    """A version prefix already holds other content, or another registry's: never overwritten."""
 
 
 # --- settings ---------------------------------------------------------------------------------------
@@ -170,6 +178,8 @@ def explain(e: Exception, s: S3Settings, what: str) -> StorageError:
     if isinstance(e, ClientError):
         code = str(e.response.get("Error", {}).get("Code", ""))
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
+            return PreconditionFailed(f"{s.where}: precondition failed while trying to {what}")
         if code in _AUTH_CODES or status == 403:
             return S3AuthError(
                 f"{s.where} rejected the credentials ({code or status}) while trying to {what}; "
@@ -229,10 +239,23 @@ def ensure_bucket(s: S3Settings) -> None:
         raise explain(e, s, f"reach bucket {s.bucket}") from e
 
 
-def put_bytes(s: S3Settings, key: str, data: bytes, content_type: str | None = None) -> None:
+def put_bytes(
+    s: S3Settings,
+    key: str,
+    data: bytes,
+    content_type: str | None = None,
+    if_match: str | None = None,
+    if_none_match: bool = False,
+) -> str:
+    """Write one object; returns its ETag. `if_match` (an ETag) or `if_none_match` make the write
+    conditional: it then fails with PreconditionFailed instead of replacing a newer object."""
     c = client(s)
-    extra = {"ContentType": content_type} if content_type else {}
-    _call(
+    extra: dict[str, Any] = {"ContentType": content_type} if content_type else {}
+    if if_match:
+        extra["IfMatch"] = if_match
+    if if_none_match:
+        extra["IfNoneMatch"] = "*"
+    resp = _call(
         s,
         f"write s3://{s.bucket}/{key}",
         c.put_object,
@@ -241,6 +264,19 @@ def put_bytes(s: S3Settings, key: str, data: bytes, content_type: str | None = N
         Body=data,
         **extra,
     )
+    return resp.get("ETag", "")
+
+
+def get_object(s: S3Settings, key: str) -> tuple[bytes, str] | tuple[None, None]:
+    """(bytes, ETag) of an object, or (None, None) when it does not exist."""
+    c = client(s)
+    try:
+        resp = _call(s, f"read s3://{s.bucket}/{key}", c.get_object, Bucket=s.bucket, Key=key)
+    except StorageError as e:
+        if "no such object" in str(e):
+            return None, None
+        raise
+    return _call(s, f"read s3://{s.bucket}/{key}", resp["Body"].read), resp.get("ETag", "")
 
 
 def get_bytes(s: S3Settings, key: str) -> bytes:
@@ -250,17 +286,13 @@ def get_bytes(s: S3Settings, key: str) -> bytes:
 
 
 def get_bytes_or_none(s: S3Settings, key: str) -> bytes | None:
-    try:
-        return get_bytes(s, key)
-    except StorageError as e:
-        if "no such object" in str(e):
-            return None
-        raise
+    return get_object(s, key)[0]
 
 
-def delete_key(s: S3Settings, key: str) -> None:
+def delete_key(s: S3Settings, key: str, if_match: str | None = None) -> None:
     c = client(s)
-    _call(s, f"delete s3://{s.bucket}/{key}", c.delete_object, Bucket=s.bucket, Key=key)
+    extra = {"IfMatch": if_match} if if_match else {}
+    _call(s, f"delete s3://{s.bucket}/{key}", c.delete_object, Bucket=s.bucket, Key=key, **extra)
 
 
 def list_keys(s: S3Settings, prefix: str) -> list[str]:
@@ -277,7 +309,15 @@ def list_keys(s: S3Settings, prefix: str) -> list[str]:
         token = resp.get("NextContinuationToken")
 
 
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
 # --- versions ---------------------------------------------------------------------------------------
+# What names a version's origin: a version number is only unique inside one registry.
+IDENTITY_KEYS = ("registry_id", "mlflow_run_id")
+
+
 def version_key(s: S3Settings, model: str, version: int | str) -> str:
     return s.key(model, f"v{version}")
 
@@ -289,6 +329,8 @@ def build_manifest(draft_dir: str | Path, **meta: Any) -> dict[str, Any]:
     for p in sorted(d.rglob("*")):
         if p.is_file() and not p.name.startswith("."):
             rel = p.relative_to(d).as_posix()
+            if rel == MANIFEST:  # a downloaded version carries the manifest it came with
+                continue
             files[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
     if not files:
         raise StorageError(f"{d}: no files to upload")
@@ -298,19 +340,28 @@ def build_manifest(draft_dir: str | Path, **meta: Any) -> dict[str, Any]:
 def upload_version(
     s: S3Settings, model: str, version: int | str, draft_dir: str | Path, meta: dict[str, Any]
 ) -> dict[str, Any]:
-    """Upload the checkpoint and its manifest, read every object back and verify its sha256.
+    """Upload the checkpoint, then commit its manifest (If-None-Match); read everything back.
 
-    Returns {"uri", "manifest", "manifest_sha256"}. Raises IntegrityError on a mismatch and
-    S3Unavailable / S3AuthError on transport problems. The champion pointer is not touched.
+    Idempotent: a version already committed with the same files and identity (`registry_id`,
+    `mlflow_run_id` in `meta`) is verified and returned; one with other content raises
+    VersionConflict. Files of an unfinished upload (no manifest yet) are simply written again.
+    Returns {"uri", "manifest", "manifest_sha256"}. The champion pointer is not touched.
     """
     d = Path(draft_dir)
     manifest = build_manifest(d, registered_model=model, version=str(version), **meta)
     base = version_key(s, model, version)
+    fault_point("before_version_upload", model=model, version=str(version))
+    existing = get_bytes_or_none(s, f"{base}/{MANIFEST}")
+    if existing is not None:
+        return _adopt(s, model, version, existing, manifest)
     for rel in manifest["files"]:
-        data = (d / rel).read_bytes()
-        put_bytes(s, f"{base}/{rel}", data)
-    body = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-    put_bytes(s, f"{base}/{MANIFEST}", body, "application/json")
+        put_bytes(s, f"{base}/{rel}", (d / rel).read_bytes())
+        fault_point("after_version_object", model=model, version=str(version), file=rel)
+    body = json_bytes(manifest)
+    try:
+        put_bytes(s, f"{base}/{MANIFEST}", body, "application/json", if_none_match=True)
+    except PreconditionFailed:  # committed meanwhile (a concurrent retry of the same promotion)
+        return _adopt(s, model, version, get_bytes(s, f"{base}/{MANIFEST}"), manifest)
     verify_version(s, model, version, expect_manifest_sha256=sha256_bytes(body))
     return {
         "uri": f"s3://{s.bucket}/{base}/",
@@ -319,12 +370,46 @@ def upload_version(
     }
 
 
+def _adopt(
+    s: S3Settings, model: str, version: int | str, body: bytes, want: dict[str, Any]
+) -> dict[str, Any]:
+    """An already committed version: the same upload again (verify it), or a conflict."""
+    base = f"s3://{s.bucket}/{version_key(s, model, version)}/"
+    try:
+        have = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise IntegrityError(f"{base}{MANIFEST}: not valid JSON: {e}") from e
+    for k in IDENTITY_KEYS:
+        if have.get(k) and want.get(k) and have[k] != want[k]:
+            raise VersionConflict(
+                f"{base} already holds v{version} from another origin ({k} {have[k]} there, "
+                f"{want[k]} here); versions are immutable: use another storage.prefix or "
+                "registered model name for this registry"
+            )
+    if have.get("files") != want["files"]:
+        differ = sorted(
+            n
+            for n in set(have.get("files") or {}) | set(want["files"])
+            if (have.get("files") or {}).get(n) != want["files"].get(n)
+        )
+        raise VersionConflict(
+            f"{base} already holds v{version} with other content ({', '.join(differ)} differ); "
+            "versions are immutable and are never overwritten"
+        )
+    verify_version(s, model, version, expect_manifest_sha256=sha256_bytes(body))
+    return {"uri": base, "manifest": have, "manifest_sha256": sha256_bytes(body)}
+
+
 def verify_version(
     s: S3Settings, model: str, version: int | str, expect_manifest_sha256: str | None = None
 ) -> dict[str, Any]:
     """Read back the manifest and every file of a version; raise IntegrityError on any mismatch."""
     base = version_key(s, model, version)
-    body = get_bytes(s, f"{base}/{MANIFEST}")
+    body = get_bytes_or_none(s, f"{base}/{MANIFEST}")
+    if body is None:
+        raise IntegrityError(
+            f"s3://{s.bucket}/{base}/: no {MANIFEST}: the version was never committed"
+        )
     if expect_manifest_sha256 and sha256_bytes(body) != expect_manifest_sha256:
         raise IntegrityError(
             f"s3://{s.bucket}/{base}/{MANIFEST}: sha256 {sha256_bytes(body)[:16]}… does not match "
@@ -340,6 +425,12 @@ def verify_version(
                 f"match the manifest's {info['sha256'][:16]}… ({info['size']} bytes)"
             )
     return manifest
+
+
+def read_manifest(s: S3Settings, model: str, version: int | str) -> dict[str, Any] | None:
+    """A committed version's manifest, or None (never uploaded, or an unfinished upload)."""
+    body = get_bytes_or_none(s, f"{version_key(s, model, version)}/{MANIFEST}")
+    return None if body is None else json.loads(body)
 
 
 def download_version(
@@ -395,113 +486,108 @@ def verify_local(dir: str | Path) -> None:
             raise IntegrityError(f"{p}: missing or its sha256 does not match the manifest")
 
 
-# --- champion pointer -------------------------------------------------------------------------------
+# --- the champion pointer, read-only here (eagle3.ops.champion moves it) -------------------------------
 def pointer_key(s: S3Settings, model: str) -> str:
     return s.key(model, POINTER)
 
 
 def read_champion(s: S3Settings, model: str) -> dict[str, Any] | None:
-    body = get_bytes_or_none(s, pointer_key(s, model))
+    return parse_pointer(s, model, get_bytes_or_none(s, pointer_key(s, model)))
+
+
+def parse_pointer(s: S3Settings, model: str, body: bytes | None) -> dict[str, Any] | None:
+    """champion.json's content, checked for the fields every reader needs."""
     if body is None:
         return None
+    where = f"s3://{s.bucket}/{pointer_key(s, model)}"
     try:
-        return json.loads(body)
+        ptr = json.loads(body)
     except json.JSONDecodeError as e:
-        raise StorageError(f"s3://{s.bucket}/{pointer_key(s, model)}: not valid JSON: {e}") from e
-
-
-def _write_pointer(s: S3Settings, model: str, pointer: dict[str, Any]) -> None:
-    body = (json.dumps(pointer, indent=2, sort_keys=True) + "\n").encode()
-    put_bytes(s, pointer_key(s, model), body, "application/json")
-    if get_bytes(s, pointer_key(s, model)) != body:
-        raise IntegrityError(f"s3://{s.bucket}/{pointer_key(s, model)}: read-back differs")
-
-
-def write_champion(
-    s: S3Settings,
-    model: str,
-    version: int | str,
-    uploaded: dict[str, Any],
-    extra: dict | None = None,
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Point champion.json at `version`; the old pointer goes onto `history`. Returns (new, old)."""
-    old = read_champion(s, model)
-    if (
-        old
-        and str(old.get("version")) == str(version)
-        and old.get("manifest_sha256") == uploaded["manifest_sha256"]
-    ):
-        # A retry after a write that went through (e.g. the read-back failed): idempotent, and
-        # "old" is still the champion before it, so that a restore puts that one back.
-        hist = list(old.get("history", []))
-        prev = {**hist[-1], "history": hist[:-1]} if hist else None
-        return old, prev
-    history = list(old.get("history", [])) if old else []
-    if old:
-        history.append({k: v for k, v in old.items() if k != "history"})
-    new = {
-        "registered_model": model,
-        "version": str(version),
-        "uri": uploaded["uri"],
-        "manifest_sha256": uploaded["manifest_sha256"],
-        "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **(extra or {}),
-        "history": history,
-    }
-    _write_pointer(s, model, new)
-    return new, old
-
-
-def restore_champion(s: S3Settings, model: str, old: dict[str, Any] | None) -> None:
-    """Undo a pointer write (used when the registry alias could not follow)."""
-    if old is None:
-        delete_key(s, pointer_key(s, model))
-    else:
-        _write_pointer(s, model, old)
-
-
-def rollback_champion(s: S3Settings, model: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Point champion.json back at the previous champion (verified first). Returns (new, old)."""
-    cur = read_champion(s, model)
-    if not cur:
-        raise StorageError(f"s3://{s.bucket}/{pointer_key(s, model)}: no champion to roll back")
-    history = list(cur.get("history", []))
-    if not history:
-        raise StorageError(
-            f"s3://{s.bucket}/{pointer_key(s, model)}: champion v{cur['version']} has no "
-            "previous champion to roll back to"
+        raise StorageError(f"{where}: not valid JSON: {e}") from e
+    missing = [
+        k
+        for k in ("version", "manifest_sha256", "uri")
+        if not isinstance(ptr, dict) or k not in ptr
+    ]
+    if missing:
+        raise IntegrityError(
+            f"{where} is not a champion pointer (no {', '.join(missing)}); "
+            "`eagle3 promote --reconcile` says what to do"
         )
-    prev = history.pop()
-    verify_version(s, model, prev["version"], expect_manifest_sha256=prev.get("manifest_sha256"))
-    new = {
-        **prev,
-        "history": history,
-        "rolled_back_from": cur["version"],
-        "rolled_back_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    _write_pointer(s, model, new)
-    return new, cur
+    return ptr
 
 
-# --- JSONL for inference ------------------------------------------------------------------------------
-def read_jsonl_uri(uri: str, s: S3Settings) -> list[Any]:
+# --- fault injection for tests (no-ops unless a test sets them) -----------------------------------------
+FAULTS: dict[str, Any] = {}
+
+
+def fault_point(point: str, **info: Any) -> None:
+    """Call the test's hook for this named point (e.g. stop S3 between two writes)."""
+    hook = FAULTS.get(point)
+    if hook is not None:
+        hook(**info)
+
+
+# --- JSONL for inference: confined to the configured bucket and <prefix>/<model>/inference/ ----------------
+class OutsideScope(ValueError):
+    """An S3 location the inference flow may not read or write."""
+
+
+def inference_prefix(s: S3Settings, model: str) -> str:
+    return s.key(model, "inference") + "/"
+
+
+def check_prompts_uri(s: S3Settings, uri: str) -> str:
+    """Prompts are read only from the configured bucket; returns the key."""
     bucket, key = parse_s3_uri(uri)
-    s2 = s.with_bucket(bucket)
-    text = get_bytes(s2, key).decode("utf-8")
+    if bucket != s.bucket:
+        raise OutsideScope(
+            f"prompts {uri}: the inference flow reads prompts only from its bucket {s.bucket!r}"
+        )
+    return key
+
+
+def check_output_uri(s: S3Settings, model: str, uri: str) -> str:
+    """Outputs go only under s3://<bucket>/<prefix>/<model>/inference/ as a .jsonl; returns the key."""
+    bucket, key = parse_s3_uri(uri)
+    allowed = f"s3://{s.bucket}/{inference_prefix(s, model)}"
+    parts = key.split("/")
+    if (
+        bucket != s.bucket
+        or not key.startswith(inference_prefix(s, model))
+        or any(p in ("", ".", "..") for p in parts)
+        or not key.endswith(".jsonl")
+    ):
+        raise OutsideScope(f"output_uri {uri}: inference writes only <name>.jsonl under {allowed}")
+    return key
+
+
+def read_jsonl(s: S3Settings, key: str) -> list[Any]:
+    text = get_bytes(s, key).decode("utf-8")
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise StorageError(f"{uri}: line {i} is not JSON: {e}") from e
+                raise StorageError(f"s3://{s.bucket}/{key}: line {i} is not JSON: {e}") from e
     return rows
+
+
+def write_jsonl(s: S3Settings, key: str, rows: list[dict], overwrite: bool = True) -> None:
+    """JSONL to one object; with overwrite=False an existing object is never replaced."""
+    buf = io.StringIO()
+    for r in rows:
+        buf.write(json.dumps(r, ensure_ascii=False) + "\n")
+    data = buf.getvalue().encode("utf-8")
+    put_bytes(s, key, data, "application/x-ndjson", if_none_match=not overwrite)
+
+
+def read_jsonl_uri(uri: str, s: S3Settings) -> list[Any]:
+    bucket, key = parse_s3_uri(uri)
+    return read_jsonl(s.with_bucket(bucket), key)
 
 
 def write_jsonl_uri(uri: str, rows: list[dict], s: S3Settings) -> None:
     bucket, key = parse_s3_uri(uri)
-    s2 = s.with_bucket(bucket)
-    buf = io.StringIO()
-    for r in rows:
-        buf.write(json.dumps(r, ensure_ascii=False) + "\n")
-    put_bytes(s2, key, buf.getvalue().encode("utf-8"), "application/x-ndjson")
+    write_jsonl(s.with_bucket(bucket), key, rows)

@@ -8,6 +8,7 @@ where <home> is $EAGLE3_HOME or `.eagle3` in the working directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -78,12 +79,11 @@ class Tracker:
     """One experiment on one tracking server; all calls take explicit run ids."""
 
     def __init__(self, tracking_cfg: Any = None):
-        import mlflow
         from mlflow import MlflowClient
 
+        # No mlflow.set_tracking_uri: it sets MLFLOW_TRACKING_URI process-wide, and the next
+        # Tracker (another recipe's) would silently talk to this registry.
         self.uri = tracking_uri(tracking_cfg)
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         name = getattr(tracking_cfg, "experiment", None) or "eagle3"
         exp = self.client.get_experiment_by_name(name)
@@ -189,13 +189,20 @@ class Tracker:
 
     # --- registry --------------------------------------------------------------------------------
     def ensure_model(self, name: str, description: str | None = None) -> None:
+        """Create the registered model once, tagged with a random `eagle3.registry_id` that tells
+        this registry apart from any other one sharing the bucket (eagle3.ops.champion)."""
+        import uuid
+
         from mlflow.exceptions import MlflowException
 
         try:
             self.client.get_registered_model(name)
         except MlflowException:
+            desc = description or "EAGLE-3 draft heads (eagle3); aliases candidate and champion"
             try:
-                self.client.create_registered_model(name, description=description)
+                self.client.create_registered_model(
+                    name, tags={"eagle3.registry_id": uuid.uuid4().hex}, description=desc
+                )
             except MlflowException:
                 self.client.get_registered_model(name)  # created concurrently
 
@@ -259,6 +266,33 @@ class Tracker:
             return None
         base = f"{self.uri.rstrip('/')}/#/models/{name}"
         return f"{base}/versions/{version}" if version else base
+
+
+@contextlib.contextmanager
+def stage_run(tracker: Tracker, recipe: Any, name: str, parent_id=None, params=None, tags=None):
+    """A (nested) MLflow run for one stage, yielding its id; FAILED if the stage raises, KILLED on
+    Ctrl-C. Params (the flattened recipe) are logged on top-level runs unless `params` says."""
+    from eagle3.config import flatten
+
+    base = {
+        "eagle3.stage": name,
+        "eagle3.target": target_slug(recipe),
+        "eagle3.recipe": recipe.name,
+        "git.commit": git_commit(),
+    }
+    run_id = tracker.start_run(name, parent_id=parent_id, tags={**base, **(tags or {})})
+    if params if params is not None else parent_id is None:
+        tracker.log_params(run_id, flatten(recipe))
+    try:
+        yield run_id
+    except KeyboardInterrupt:
+        tracker.end_run(run_id, "KILLED")
+        raise
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    else:
+        tracker.end_run(run_id, "FINISHED")
 
 
 def redact(text: str) -> str:
