@@ -159,6 +159,17 @@ def _init_from(draft, path: str) -> None:
         raise ConfigError(f"train.init_from {path}: tensors do not match ({missing} {unexpected})")
 
 
+def autocast_enabled(setting: str, device: str, flags: set[str] | None = None) -> bool:
+    """train.autocast resolved: auto means on CUDA, and on a CPU with bf16 hardware."""
+    if setting in ("on", "off"):
+        return setting == "on"
+    if device.startswith("cuda"):
+        return True
+    from eagle3.env import cpu_has_bf16
+
+    return cpu_has_bf16(flags)
+
+
 def _has_features(dataset) -> bool:
     return len(dataset) > 0 and getattr(dataset[0], "aux", None) is not None
 
@@ -216,6 +227,7 @@ class _Run:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.timing = {"target": 0.0, "draft": 0.0, "optimizer": 0.0, "data": 0.0}
+        self.autocast = autocast_enabled(recipe.train.autocast, self.device)
 
     # --- setup ---------------------------------------------------------------------------------
     def fit(self, train_set, val_set, vocab) -> dict:
@@ -233,7 +245,9 @@ class _Run:
         self._check_best_metric()
 
         self.draft = build_draft(self.recipe, self.target, vocab).to(self.device)
-        self.ttt = TTT(self.draft, cfg.ttt_steps, cfg.step_weight, cfg.grad_checkpointing)
+        self.ttt = TTT(
+            self.draft, cfg.ttt_steps, cfg.step_weight, cfg.grad_checkpointing, cfg.loss_style
+        )
         self.model = D.wrap(self.ttt, info, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt, self.sched = make_optimizer(
@@ -243,13 +257,20 @@ class _Run:
             self.recipe.data.feature_dtype, torch.float32
         )
         self.source = FeatureSource(
-            self.target, self.draft, cfg.features, self.state_dir / "feature_cache", feature_dtype
+            self.target,
+            self.draft,
+            cfg.features,
+            self.state_dir / "feature_cache",
+            feature_dtype,
+            cfg.loss_style,
         )
         if cfg.features == "offline" and not _has_features(train_set):
             raise ConfigError(
                 "train.features is offline but the training samples carry no features"
             )
         # Validation reads features when its samples carry them, else runs the target (hybrid too).
+        # It always counts rows the eagle3 way (the answer tokens a head must predict), so that
+        # runs with different train.loss_style are compared on the same held-out metric.
         self.val_source = FeatureSource(
             self.target, self.draft, "offline" if _has_features(val_set) else "online"
         )
@@ -265,6 +286,12 @@ class _Run:
                 "epochs", "max_steps", "init_from")  # fmt: skip
         fp = {f"train.{k}": getattr(self.cfg, k) for k in keys}
         fp["train.betas"] = list(self.cfg.betas)
+        # Keys added later enter only when they change what older runs did, so that a state saved
+        # before they existed still resumes.
+        if self.cfg.loss_style != "eagle3":
+            fp["train.loss_style"] = self.cfg.loss_style
+        if self.autocast != self.device.startswith("cuda"):
+            fp["train.autocast"] = self.autocast
         fp["data digest"] = self.digest
         fp["train samples"] = n_train
         fp["world size"] = self.info.world
@@ -370,9 +397,10 @@ class _Run:
             bar.close()
 
     def _autocast(self):
-        """bf16 autocast on CUDA (fp32 master weights); plain fp32 on CPU."""
-        if self.device.startswith("cuda"):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast (fp32 master weights) where train.autocast resolves on, else plain fp32."""
+        if self.autocast:
+            kind = "cuda" if self.device.startswith("cuda") else "cpu"
+            return torch.autocast(kind, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _emit(self, step: int, metrics: dict[str, float]) -> None:
@@ -390,14 +418,19 @@ class _Run:
         inner = getattr(self.model, "module", self.model)
         inner.eval()
         sums = torch.zeros(self.cfg.ttt_steps, 4)
-        # Every rank runs the same number of forwards (FSDP2 all-gathers in each); extras are discarded.
-        for r in range(math.ceil(n / info.world)):
-            bid = r * info.world + info.rank
-            inputs = self.val_source(self.val_loader.get(bid % n), bid % n, 0)
-            with self._autocast():
-                _, st = inner(*inputs.args())
-            if bid < n:
-                sums += st.float().cpu()
+        style, inner.loss_style = inner.loss_style, "eagle3"  # see val_source
+        try:
+            # Every rank runs the same number of forwards (FSDP2 all-gathers in each); extras
+            # are discarded.
+            for r in range(math.ceil(n / info.world)):
+                bid = r * info.world + info.rank
+                inputs = self.val_source(self.val_loader.get(bid % n), bid % n, 0)
+                with self._autocast():
+                    _, st = inner(*inputs.args())
+                if bid < n:
+                    sums += st.float().cpu()
+        finally:
+            inner.loss_style = style
         sums = D.all_sum(sums, info)
         m = summarize(sums, "val", self.cfg.step_weight)
         self._emit(step, m)
@@ -490,6 +523,8 @@ class _Run:
             "steps_per_epoch": self.per_epoch,
             "world_size": self.info.world,
             "features": self.cfg.features,
+            "loss_style": self.cfg.loss_style,
+            "autocast": self.autocast,
             "data": {
                 "train": self.loader.stats,
                 "val": self.val_loader.stats,
