@@ -30,23 +30,31 @@ def _recipe(args):
 def cmd_data(args) -> int:
     recipe = _recipe(args)
     from eagle3.data.chat import TemplateError
-    from eagle3.data.pipeline import DataLockedError, DiskBudgetError, run_data
+    from eagle3.data.pipeline import DataLockedError, DiskBudgetError
     from eagle3.data.sources import SourceError
+    from eagle3.data.stages import data_stages, run_stages
 
     try:
-        manifest = run_data(recipe, progress=True)
+        manifests = run_stages(recipe, progress=True)
     except (DiskBudgetError, SourceError, DataLockedError, TemplateError) as e:
         raise BadInput(str(e)) from None
-    s = manifest["samples"]
-    print(
-        f"data: {s['written']} samples ({s['train']} train, {s['val']} val), {s['skipped']} "
-        f"skipped {s['skipped_by_reason']}; {manifest['tokens']['total']:,} tokens, "
-        f"{manifest['tokens']['trainable']:,} trainable; draft vocab {manifest['vocab']['size']} "
-        f"covers {manifest['vocab']['coverage']:.1%}"
-    )
-    print(
-        f"data manifest: {recipe.run_path / 'data' / 'manifest.json'} (digest {manifest['digest'][:12]})"
-    )
+    for stage in data_stages(recipe):
+        manifest = manifests[stage.name]
+        s = manifest["samples"]
+        print(
+            f"{stage.name}: {s['written']} samples ({s['train']} train, {s['val']} val), "
+            f"{s['skipped']} skipped {s['skipped_by_reason']}; {manifest['tokens']['total']:,} "
+            f"tokens, {manifest['tokens']['trainable']:,} trainable"
+            + (
+                f"; draft vocab {manifest['vocab']['size']} covers {manifest['vocab']['coverage']:.1%}"
+                if stage.name == "data"
+                else " (mixed into training)"
+            )
+        )
+        print(
+            f"{stage.name} manifest: {stage.data_dir / 'manifest.json'} "
+            f"(digest {manifest['digest'][:12]})"
+        )
     return EXIT_OK
 
 

@@ -414,14 +414,14 @@ class _Progress:
     long shard does not sit still; at the end of a shard it is set exactly.
     """
 
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int, enabled: bool, desc: str = "regenerate"):
         from tqdm import tqdm
 
         self.bar = tqdm(
             total=total,
             disable=not enabled,
             unit="conv",
-            desc="regenerate",
+            desc=desc,
             dynamic_ncols=True,
             bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}{postfix}]",
         )
@@ -448,17 +448,22 @@ class _Progress:
 
 
 def run_data(
-    recipe, progress: bool = True, callback: Callback | None = None, target=None
+    recipe,
+    progress: bool = True,
+    callback: Callback | None = None,
+    target=None,
+    data_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """The whole data stage; idempotent and resumable. Returns the manifest (also written).
 
     `callback(event)` gets a dict after every shard ({"stage": "regenerate"|"features", ...}) and
     at the end ({"stage": "done", "digest"}). `target`: an already loaded Target for this recipe
-    (otherwise it is loaded when needed).
+    (otherwise it is loaded when needed). `data_dir`: default `<run_dir>/data` (a data.mix stage
+    has its own, see eagle3.data.stages).
     """
     t0 = time.time()
     d = recipe.data
-    data_dir = recipe.run_path / "data"
+    data_dir = Path(data_dir) if data_dir is not None else recipe.run_path / "data"
     emit = callback or (lambda event: None)
     with _locked(data_dir):
         loaded = load_conversations(recipe)
@@ -478,7 +483,9 @@ def run_data(
                 f"data.max_disk_gb is {d.max_disk_gb:g}; checked exactly before writing"
             )
         stats = RegenStats()
-        bar = _Progress(len(loaded.conversations), progress)
+        bar = _Progress(
+            len(loaded.conversations), progress, "regenerate" if d.regenerate else "tokenize"
+        )
         try:
             for i, convs in enumerate(shards):
                 bar.shard_start(convs)

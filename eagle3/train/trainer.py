@@ -25,7 +25,7 @@ from eagle3.config import ConfigError, Recipe
 from eagle3.io import write_json_atomic
 from eagle3.train import dist as D
 from eagle3.train.batching import Loader, batch_index, epoch_order
-from eagle3.train.dataset import ShardDataset, as_dataset
+from eagle3.train.dataset import Concat, ShardDataset, as_dataset
 from eagle3.train.inputs import FeatureSource
 from eagle3.train.optim import make_optimizer
 from eagle3.train.state import (
@@ -52,7 +52,10 @@ class DataMissing(FileNotFoundError):
 
 # --- entry point ---------------------------------------------------------------------------------
 def run_training(recipe: Recipe, progress: bool = True, callback: Callback | None = None) -> dict:
-    """Train on the data stage's output in `<run_dir>/data` (see train() for the summary)."""
+    """Train on the data stage's output in `<run_dir>/data`, plus the training samples of the mixed
+    stages (data.mix, train.mix_data); see train() for the summary."""
+    from eagle3.data.stages import combined_digest, mixed_dirs
+
     data_dir = recipe.run_path / "data"
     manifest_path = data_dir / "manifest.json"
     if not manifest_path.is_file():
@@ -63,7 +66,8 @@ def run_training(recipe: Recipe, progress: bool = True, callback: Callback | Non
     from eagle3.data.pipeline import feature_shards, load_token_samples, load_vocab
 
     vocab = load_vocab(data_dir)
-    if recipe.train.features == "offline":
+    offline = recipe.train.features == "offline"
+    if offline:
         train_shards, val_shards = feature_shards(data_dir)
         if not train_shards:
             raise ConfigError(
@@ -74,13 +78,12 @@ def run_training(recipe: Recipe, progress: bool = True, callback: Callback | Non
     else:
         train_set, val_set = load_token_samples(data_dir)
     digest = str(manifest.get("digest", ""))
-    if recipe.train.mix_data:
-        if recipe.train.features == "offline":
-            raise ConfigError("train.mix_data needs train.features online or hybrid")
-        held_out = {conversation_id(s.sample_id) for s in val_set}
-        extra, digests = mixed_samples(recipe.train.mix_data, manifest, held_out)
-        train_set = train_set + extra
-        digest = hashlib.sha256(json.dumps([digest, *digests]).encode()).hexdigest()
+    dirs = mixed_dirs(recipe)
+    if dirs:
+        held_out = {conversation_id(i) for i in as_dataset(val_set).sample_ids}
+        extra, digests = mixed_samples(dirs, manifest, held_out, features=offline)
+        train_set = Concat([train_set, *extra]) if offline else train_set + extra
+        digest = combined_digest(digest, digests)
     return train(
         recipe,
         train_set,
@@ -97,28 +100,53 @@ def conversation_id(sample_id: str) -> str:
     return sample_id.split("#", 1)[0]
 
 
-def mixed_samples(dirs: list[str], manifest: dict, held_out: set[str]) -> tuple[list, list[str]]:
+def mixed_samples(
+    dirs: list, manifest: dict, held_out: set[str], features: bool = False
+) -> tuple[list, list[str]]:
     """Training samples of other data stages, renamed `<dir>:<id>`, without this run's held-out
-    conversations (their teacher-forced twins would leak into training). Returns (samples,
-    digests). Each stage must share this run's target and chat template."""
+    conversations (their teacher-forced twins would leak into training). Returns (samples, or one
+    ShardDataset per stage when `features`; digests). Each stage must share this run's target and
+    chat template (and feature settings when `features`)."""
     from eagle3.data.manifest import read_manifest
-    from eagle3.data.pipeline import load_token_samples
+    from eagle3.data.pipeline import feature_shards, load_token_samples
 
     out, digests = [], []
     for d in dirs:
+        d = str(d)
         try:
             other = read_manifest(d)  # also refuses a manifest edited by hand
         except FileNotFoundError as e:
-            raise DataMissing(f"train.mix_data: {e}") from e
-        for key in ("target", "chat_template_sha256"):
+            raise DataMissing(f"mixed data stage: {e}") from e
+        keys = ["target", "chat_template_sha256"]
+        if features:
+            keys += ["aux_layer_ids"]
+        for key in keys:
             if other.get(key) != manifest.get(key):
-                raise ConfigError(f"train.mix_data {d}: its {key} differs from this run's data")
-        train_part, _ = load_token_samples(d)
-        out += [
-            dataclasses.replace(s, sample_id=f"{d}:{s.sample_id}")
-            for s in train_part
-            if conversation_id(s.sample_id) not in held_out
-        ]
+                raise ConfigError(f"mixed data stage {d}: its {key} differs from this run's data")
+        if not features:
+            train_part, _ = load_token_samples(d)
+            out += [
+                dataclasses.replace(s, sample_id=f"{d}:{s.sample_id}")
+                for s in train_part
+                if conversation_id(s.sample_id) not in held_out
+            ]
+        else:
+            mine, theirs = (m.get("features") or {} for m in (manifest, other))
+            if not theirs.get("written"):
+                raise ConfigError(
+                    f"train.features is offline but mixed data stage {d} holds no feature "
+                    "shards (set data.features=true and rerun `eagle3 data`)"
+                )
+            if theirs.get("dtype") != mine.get("dtype"):
+                raise ConfigError(
+                    f"mixed data stage {d}: its feature dtype differs from this run's"
+                )
+            shards, _ = feature_shards(d)
+            out.append(
+                ShardDataset(
+                    shards, keep=lambda i: conversation_id(i) not in held_out, prefix=f"{d}:"
+                )
+            )
         digests.append(str(other.get("digest", "")))
     return out, digests
 
