@@ -82,15 +82,20 @@ def cmd_train(args) -> int:
 
 def cmd_bench(args) -> int:
     recipe = _recipe(args)
-    _need_dir(args.draft, "--draft")
+    draft = _draft(args.draft)
     from eagle3.data.sources import SourceError
     from eagle3.eval.bench import print_report, run_bench
 
     datasets = [d for d in args.datasets.split(",") if d] if args.datasets else None
     if args.limit is not None and args.limit < 1:
         raise BadInput(f"--limit {args.limit}: must be >= 1")
+    journal = Path(args.journal) if args.journal else journal_path(args.out)
+    if args.fresh:
+        journal.unlink(missing_ok=True)
     try:
-        report = run_bench(recipe, args.draft, datasets=datasets, limit=args.limit, progress=True)
+        report = run_bench(
+            recipe, draft, datasets=datasets, limit=args.limit, progress=True, journal=journal
+        )
     except SourceError as e:  # an unknown or unreadable data set name
         raise BadInput(str(e)) from None
     from eagle3.io import write_json_atomic
@@ -98,12 +103,23 @@ def cmd_bench(args) -> int:
     write_json_atomic(args.out, report)
     print_report(report)
     print(f"report: {args.out}")
+    if report.get("resumed_prompts"):
+        print(
+            f"{report['resumed_prompts']} prompt(s) were taken from {journal} (measured by an "
+            "earlier run with the same head and settings); --fresh measures everything again"
+        )
     return EXIT_OK
+
+
+def journal_path(out: str | Path) -> Path:
+    """Where `eagle3 bench --out FILE` keeps its finished prompts: FILE with .prompts.json."""
+    out = Path(out)
+    return out.with_name(out.stem + ".prompts.json")
 
 
 def cmd_generate(args) -> int:
     recipe = _recipe(args)
-    _need_dir(args.draft, "--draft")
+    draft = _draft(args.draft)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise BadInput(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
     if args.temperature is not None and args.temperature < 0:
@@ -112,7 +128,7 @@ def cmd_generate(args) -> int:
 
     result = generate_text(
         recipe,
-        args.draft,
+        draft,
         args.prompt,
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,
@@ -143,12 +159,10 @@ def cmd_check(args) -> int:
 
 
 def cmd_export(args) -> int:
-    _need_dir(args.draft, "--draft")
+    draft = _draft(args.draft)
     from eagle3.models.export import export_checkpoint
 
-    out = export_checkpoint(
-        args.draft, args.format, args.out, verifier=args.verifier, dtype=args.dtype
-    )
+    out = export_checkpoint(draft, args.format, args.out, verifier=args.verifier, dtype=args.dtype)
     print(f"exported for {args.format}: {out}")
     return EXIT_OK
 
@@ -188,9 +202,38 @@ def cmd_promote(args) -> int:
     return promote_from_cli(recipe, args)
 
 
-def _need_dir(path: str, flag: str) -> None:
-    if not Path(path).is_dir():
-        raise BadInput(f"{flag} {path}: no such directory")
+def cmd_release(args) -> int:
+    draft = _draft(args.draft)
+    from eagle3.release import release_head
+
+    for b in args.bench or []:
+        if not Path(b).is_file():
+            raise BadInput(f"--bench {b}: no such file")
+    out = release_head(
+        draft,
+        args.name,
+        out=args.out,
+        bench=args.bench,
+        train_metrics=args.train_metrics,
+        reproduce=args.reproduce,
+        note=args.note,
+        max_mb=args.max_mb,
+    )
+    from eagle3.heads import SUMS_FILE
+
+    print(f"released {args.name}: {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    print(f"verify with: eagle3 check {out}   (contract §3 and {SUMS_FILE})")
+    return EXIT_OK
+
+
+def _draft(arg: str) -> Path:
+    """--draft: a checkpoint directory, or a shipped head's name (heads/<name>/)."""
+    from eagle3.heads import HeadError, resolve_draft
+
+    try:
+        return resolve_draft(arg)
+    except HeadError as e:
+        raise BadInput(f"--draft {e}") from None
 
 
 # --- parser -------------------------------------------------------------------------------------------
@@ -218,20 +261,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="speed and acceptance benchmark -> JSON report")
     _add_recipe(p)
-    p.add_argument("--draft", required=True)
+    p.add_argument("--draft", required=True, help="a checkpoint directory or a shipped head's name")
     p.add_argument("--out", required=True)
     p.add_argument("--datasets", help="comma-separated catalog names (default: the recipe's)")
     p.add_argument("--limit", type=int, help="prompts per dataset")
+    p.add_argument(
+        "--journal", help="finished prompts, to resume a stopped run (default: OUT.prompts.json)"
+    )
+    p.add_argument("--fresh", action="store_true", help="ignore the journal: measure every prompt")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("generate", help="one speculative generation")
     _add_recipe(p)
-    p.add_argument("--draft", required=True)
+    p.add_argument("--draft", required=True, help="a checkpoint directory or a shipped head's name")
     p.add_argument("--prompt", required=True)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser(
+        "release", help="a trained draft as a shipped head: bf16, card, SHA256SUMS (heads/NAME)"
+    )
+    p.add_argument("--draft", required=True, help="the checkpoint to release")
+    p.add_argument("--name", required=True, help="the head's name (its folder under heads/)")
+    p.add_argument("--out", help="default heads/NAME of this repository")
+    p.add_argument("--bench", action="append", help="a bench report the card quotes (repeatable)")
+    p.add_argument("--train-metrics", help="default: train_metrics.json beside the draft")
+    p.add_argument("--reproduce", help="the command the card gives to rebuild the head")
+    p.add_argument("--note", help="a closing paragraph for the card (e.g. the hours it took)")
+    p.add_argument("--max-mb", type=float, default=25.0, help="refuse larger weights (MB)")
+    p.set_defaults(fn=cmd_release)
 
     p = sub.add_parser("check", help="validate a checkpoint against the contract")
     p.add_argument("dir")
@@ -294,7 +354,12 @@ def main(argv: list[str] | None = None) -> int:
 def _is_bad_input(e: Exception) -> bool:
     from eagle3.config import ConfigError
 
-    return isinstance(e, ConfigError) or type(e).__name__ in {"CheckpointError", "BadInput"}
+    return isinstance(e, ConfigError) or type(e).__name__ in {
+        "CheckpointError",
+        "BadInput",
+        "HeadError",
+        "ReleaseError",
+    }
 
 
 if __name__ == "__main__":

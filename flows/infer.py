@@ -1,4 +1,4 @@
-"""On-demand inference against the champion.
+"""On-demand inference against the champion (or a shipped head given by name, `draft=`).
 
 Parameters: prompts (a list of strings, or an s3:// URI of a JSONL whose rows are strings or
 objects with `prompt`), temperature, max_new_tokens. Resolves the champion (S3 champion.json, or
@@ -94,6 +94,20 @@ def fetch_task(recipe, champ: dict, dest: str) -> str:
     from flows.evaluate import fetch_draft
 
     return str(fetch_draft(recipe, champ["model"], champ["version"], Path(dest)))
+
+
+def named_draft(recipe, draft: str) -> dict:
+    """The champion-shaped record of a draft given by name or path (no registry involved)."""
+    from eagle3.heads import resolve_draft
+    from eagle3.ops.tracking import registered_model_name
+
+    path = resolve_draft(draft)
+    return {
+        "source": "shipped head" if str(path) != str(draft) else "directory",
+        "model": registered_model_name(recipe),
+        "version": Path(draft).name,
+        "uri": str(path),
+    }
 
 
 @task(
@@ -193,15 +207,22 @@ def infer_flow(
     temperature: float | None = None,
     max_new_tokens: int | None = None,
     output_uri: str | None = None,
+    draft: str | None = None,
 ) -> dict:
+    """`draft`: a shipped head's name (heads/<name>/, sha256-checked) or a checkpoint directory,
+    served instead of the champion."""
     r = resolve_recipe(config, overrides)
     tag_flow_run(r)
     texts = load_prompts_task(r, prompts)
-    champ = resolve_champion_task(r)
     tmp = tempfile.mkdtemp(prefix="eagle3-infer-")
     try:
-        draft = fetch_task(r, champ, str(Path(tmp) / "draft"))
-        rows = generate_task(r, draft, texts, temperature, max_new_tokens)
+        if draft is not None:
+            champ = named_draft(r, draft)
+            path = champ["uri"]
+        else:
+            champ = resolve_champion_task(r)
+            path = fetch_task(r, champ, str(Path(tmp) / "draft"))
+        rows = generate_task(r, path, texts, temperature, max_new_tokens)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     run_id = flow_run_id() or time.strftime("%Y%m%dT%H%M%S")
@@ -223,8 +244,13 @@ def infer_flow(
         "output_uri": out_uri,
         "outputs": rows,
     }
+    served = (
+        f"head {champ['uri']} ({champ['source']})"
+        if draft is not None
+        else f"champion {champ['model']} v{champ['version']} ({champ['source']})"
+    )
     print(
         f"{len(rows)} prompts, tau {summary['tau']:.2f}, {summary['tokens_per_s']:.1f} tok/s, "
-        f"champion {champ['model']} v{champ['version']} ({champ['source']}) -> {out_uri}"
+        f"{served} -> {out_uri}"
     )
     return summary

@@ -239,10 +239,13 @@ def check_checkpoint(ckpt_dir: str | Path) -> list[str]:
     problems: list[str] = []
     if not d.is_dir():
         return [f"{d}: not a directory"]
+    from eagle3.heads import verify_sums
+
+    problems += verify_sums(d)  # a shipped head's SHA256SUMS (none in a training run's draft/)
     try:
         cfg = read_config(d)
     except CheckpointError as e:
-        return [str(e)]
+        return problems + [str(e)]
     problems += _check_config(cfg)
     if not (d / WEIGHTS_FILE).is_file():
         return problems + [f"{WEIGHTS_FILE}: missing"]

@@ -506,6 +506,8 @@ class _Run:
                 "top_k": infer.top_k,
             },  # fmt: skip
             "data_digest": self.digest,
+            "recipe": self.recipe.name,
+            "profile": self.recipe.profile,
             "target": self.target.name,
             "target_revision": self.target.revision,
             "train": {
@@ -553,6 +555,7 @@ class _Run:
             "features": self.cfg.features,
             "loss_style": self.cfg.loss_style,
             "autocast": self.autocast,
+            "settings": self.cfg.model_dump(mode="json"),  # the recipe's train section
             "data": {
                 "train": self.loader.stats,
                 "val": self.val_loader.stats,
