@@ -57,7 +57,7 @@ def release_head(
     out = Path(out) if out else heads_dir() / name
     facts = gather_facts(draft_dir, bench or [], train_metrics)
     facts["name"], facts["note"] = name, note
-    facts["reproduce"] = reproduce or default_reproduce(facts)
+    facts["reproduce"] = reproduce or default_reproduce(facts, draft_dir)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.release-", dir=out.parent))
@@ -133,11 +133,13 @@ def gather_facts(draft_dir: Path, bench: list, train_metrics) -> dict[str, Any]:
     }
 
 
-def default_reproduce(facts: dict) -> str:
-    e = facts["eagle3"]
-    recipe = e.get("recipe") or "<recipe>"
-    profile = f" --profile {e['profile']}" if e.get("profile") else ""
-    return f"eagle3 pipeline --config configs/{recipe}.yaml{profile}"
+def default_reproduce(facts: dict, draft_dir: Path) -> str:
+    """The pipeline of the checkpoint's recipe and profile, then this release (as run now)."""
+    bench = "".join(f" --bench {b['path']}" for b in facts["bench"])
+    return (
+        f"eagle3 pipeline {_recipe_args(facts)}\n"
+        f"eagle3 release --draft {draft_dir} --name {facts['name']}{bench}"
+    )
 
 
 def _recipe_args(facts: dict) -> str:

@@ -43,9 +43,13 @@ def pipeline_flow(
         t.log_text(
             parent, yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False), "recipe.yaml"
         )
+        # Each stage resumes on a rerun: data shards, the train state, the bench's journal.
+        print(f"pipeline 1/4: data ({r.run_path})")
         datagen_flow(r, parent_run_id=parent)
         digest = training_digest(r)  # the main stage's, or combined with the mixed stages'
+        print("pipeline 2/4: train")
         trained = train_flow(r, parent_run_id=parent, data_digest=digest)
+        print("pipeline 3/4: evaluate (bench, register, gate)")
         ev = evaluate_flow(
             r,
             draft_dir=trained.get("draft_dir"),
@@ -53,6 +57,7 @@ def pipeline_flow(
             data_digest=digest,
         )
         promoted = {"promoted": False, "decision": ev["decision"]}
+        print("pipeline 4/4: promote")
         if promote and ev["version"]:
             promoted = promote_flow(
                 r,
