@@ -373,8 +373,10 @@ def _locked(data_dir: Path):
 
 
 def _prune(data_dir: Path, keep: set[Path]) -> None:
-    """Remove shard files of an earlier, larger plan so that nothing stale is listed or read."""
-    for sub in ("regen", "tokens", "features"):
+    """Remove token and feature files of an earlier, larger plan so that nothing stale is listed
+    or read. Regenerated answers (regen/, hours of work) stay: their key is checked before any
+    use, so a later plan that holds the same shard again takes them as they are."""
+    for sub in ("tokens", "features"):
         for p in (data_dir / sub).glob("*"):
             if p.is_file() and p not in keep:
                 p.unlink()
