@@ -32,23 +32,31 @@ def _recipe(args):
 def cmd_data(args) -> int:
     recipe = _recipe(args)
     from eagle3.data.chat import TemplateError
-    from eagle3.data.pipeline import DataLockedError, DiskBudgetError, run_data
+    from eagle3.data.pipeline import DataLockedError, DiskBudgetError
     from eagle3.data.sources import SourceError
+    from eagle3.data.stages import data_stages, run_stages
 
     try:
-        manifest = run_data(recipe, progress=True)
+        manifests = run_stages(recipe, progress=True)
     except (DiskBudgetError, SourceError, DataLockedError, TemplateError) as e:
         raise BadInput(str(e)) from None
-    s = manifest["samples"]
-    print(
-        f"data: {s['written']} samples ({s['train']} train, {s['val']} val), {s['skipped']} "
-        f"skipped {s['skipped_by_reason']}; {manifest['tokens']['total']:,} tokens, "
-        f"{manifest['tokens']['trainable']:,} trainable; draft vocab {manifest['vocab']['size']} "
-        f"covers {manifest['vocab']['coverage']:.1%}"
-    )
-    print(
-        f"data manifest: {recipe.run_path / 'data' / 'manifest.json'} (digest {manifest['digest'][:12]})"
-    )
+    for stage in data_stages(recipe):
+        manifest = manifests[stage.name]
+        s = manifest["samples"]
+        print(
+            f"{stage.name}: {s['written']} samples ({s['train']} train, {s['val']} val), "
+            f"{s['skipped']} skipped {s['skipped_by_reason']}; {manifest['tokens']['total']:,} "
+            f"tokens, {manifest['tokens']['trainable']:,} trainable"
+            + (
+                f"; draft vocab {manifest['vocab']['size']} covers {manifest['vocab']['coverage']:.1%}"
+                if stage.name == "data"
+                else " (mixed into training)"
+            )
+        )
+        print(
+            f"{stage.name} manifest: {stage.data_dir / 'manifest.json'} "
+            f"(digest {manifest['digest'][:12]})"
+        )
     return EXIT_OK
 
 
@@ -76,7 +84,7 @@ def cmd_train(args) -> int:
 
 def cmd_bench(args) -> int:
     recipe = _recipe(args)
-    _need_dir(args.draft, "--draft")
+    draft = _draft(args.draft)
     if args.engine:
         recipe.eval.engine = args.engine
     from eagle3.data.sources import SourceError
@@ -85,10 +93,15 @@ def cmd_bench(args) -> int:
     datasets = [d for d in args.datasets.split(",") if d] if args.datasets else None
     if args.limit is not None and args.limit < 1:
         raise BadInput(f"--limit {args.limit}: must be >= 1")
+    journal = Path(args.journal) if args.journal else journal_path(args.out)
+    if args.fresh:
+        journal.unlink(missing_ok=True)
     from eagle3.ops.vllm_server import VLLMError, VLLMSetupError
 
     try:
-        report = run_bench(recipe, args.draft, datasets=datasets, limit=args.limit, progress=True)
+        report = run_bench(
+            recipe, draft, datasets=datasets, limit=args.limit, progress=True, journal=journal
+        )
     except (SourceError, VLLMSetupError) as e:  # an unknown data set name; no vLLM venv
         raise BadInput(str(e)) from None
     except VLLMError as e:
@@ -99,28 +112,39 @@ def cmd_bench(args) -> int:
     write_json_atomic(args.out, report)
     print_report(report)
     print(f"report: {args.out}")
+    if report.get("resumed_prompts"):
+        print(
+            f"{report['resumed_prompts']} prompt(s) were taken from {journal} (measured by an "
+            "earlier run with the same head and settings); --fresh measures everything again"
+        )
     return EXIT_OK
+
+
+def journal_path(out: str | Path) -> Path:
+    """Where `eagle3 bench --out FILE` keeps its finished prompts: FILE with .prompts.json."""
+    out = Path(out)
+    return out.with_name(out.stem + ".prompts.json")
 
 
 def cmd_generate(args) -> int:
     recipe = _recipe(args)
-    _need_dir(args.draft, "--draft")
+    draft = _draft(args.draft)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise BadInput(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
     if args.temperature is not None and args.temperature < 0:
         raise BadInput(f"--temperature {args.temperature}: must be >= 0")
     from eagle3.models.checkpoint import check_checkpoint
 
-    problems = check_checkpoint(args.draft)  # before anything is loaded
+    problems = check_checkpoint(draft)  # before anything is loaded
     if problems:
         raise BadInput(
-            f"--draft {args.draft} is not a valid checkpoint:\n  - " + "\n  - ".join(problems)
+            f"--draft {draft} is not a valid checkpoint:\n  - " + "\n  - ".join(problems)
         )
     from eagle3.infer.engine import generate_text
 
     result = generate_text(
         recipe,
-        args.draft,
+        draft,
         args.prompt,
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,
@@ -150,8 +174,7 @@ def cmd_serve(args) -> int:
     if args.draft == "champion":
         draft = _fetch_champion(recipe)
     elif args.draft:
-        _need_dir(args.draft, "--draft")
-        draft = args.draft
+        draft = str(_draft(args.draft))
     spec = vs.spec_from_recipe(recipe, draft, port=args.port)
     try:
         srv = vs.start_vllm(spec, "serve", timeout=recipe.vllm.start_timeout, echo=print)
@@ -236,14 +259,12 @@ def cmd_check(args) -> int:
 
 
 def cmd_export(args) -> int:
-    _need_dir(args.draft, "--draft")
+    draft = _draft(args.draft)
     from eagle3.models.checkpoint import read_raw_config
     from eagle3.models.export import export_checkpoint
     from eagle3.models.speculators import is_speculators
 
-    out = export_checkpoint(
-        args.draft, args.format, args.out, verifier=args.verifier, dtype=args.dtype
-    )
+    out = export_checkpoint(draft, args.format, args.out, verifier=args.verifier, dtype=args.dtype)
     cfg = read_raw_config(out)
     if is_speculators(cfg):
         verifier = cfg["speculators_config"]["verifier"]["name_or_path"]
@@ -328,9 +349,38 @@ def cmd_promote(args) -> int:
     return EXIT_OK if out["promoted"] else EXIT_FAIL
 
 
-def _need_dir(path: str, flag: str) -> None:
-    if not Path(path).is_dir():
-        raise BadInput(f"{flag} {path}: no such directory")
+def cmd_release(args) -> int:
+    draft = _draft(args.draft)
+    from eagle3.release import release_head
+
+    for b in args.bench or []:
+        if not Path(b).is_file():
+            raise BadInput(f"--bench {b}: no such file")
+    out = release_head(
+        draft,
+        args.name,
+        out=args.out,
+        bench=args.bench,
+        train_metrics=args.train_metrics,
+        reproduce=args.reproduce,
+        note=args.note,
+        max_mb=args.max_mb,
+    )
+    from eagle3.heads import SUMS_FILE
+
+    print(f"released {args.name}: {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    print(f"verify with: eagle3 check {out}   (contract §3 and {SUMS_FILE})")
+    return EXIT_OK
+
+
+def _draft(arg: str) -> Path:
+    """--draft: a checkpoint directory, or a shipped head's name (heads/<name>/)."""
+    from eagle3.heads import HeadError, resolve_draft
+
+    try:
+        return resolve_draft(arg)
+    except HeadError as e:
+        raise BadInput(f"--draft {e}") from None
 
 
 # --- parser -------------------------------------------------------------------------------------------
@@ -358,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="speed and acceptance benchmark -> JSON report")
     _add_recipe(p)
-    p.add_argument("--draft", required=True)
+    p.add_argument("--draft", required=True, help="a checkpoint directory or a shipped head's name")
     p.add_argument("--out", required=True)
     p.add_argument("--datasets", help="comma-separated catalog names (default: the recipe's)")
     p.add_argument("--limit", type=int, help="prompts per dataset")
@@ -367,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["eagle3", "vllm"],
         help="eagle3: our engine; vllm: vLLM with vs without the head (default: eval.engine)",
     )
+    p.add_argument(
+        "--journal", help="finished prompts, to resume a stopped run (default: OUT.prompts.json)"
+    )
+    p.add_argument("--fresh", action="store_true", help="ignore the journal: measure every prompt")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser(
@@ -383,12 +437,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="one speculative generation")
     _add_recipe(p)
-    p.add_argument("--draft", required=True)
+    p.add_argument("--draft", required=True, help="a checkpoint directory or a shipped head's name")
     p.add_argument("--prompt", required=True)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser(
+        "release", help="a trained draft as a shipped head: bf16, card, SHA256SUMS (heads/NAME)"
+    )
+    p.add_argument("--draft", required=True, help="the checkpoint to release")
+    p.add_argument("--name", required=True, help="the head's name (its folder under heads/)")
+    p.add_argument("--out", help="default heads/NAME of this repository")
+    p.add_argument("--bench", action="append", help="a bench report the card quotes (repeatable)")
+    p.add_argument("--train-metrics", help="default: train_metrics.json beside the draft")
+    p.add_argument("--reproduce", help="the command the card gives to rebuild the head")
+    p.add_argument("--note", help="a closing paragraph for the card (e.g. the hours it took)")
+    p.add_argument("--max-mb", type=float, default=25.0, help="refuse larger weights (MB)")
+    p.set_defaults(fn=cmd_release)
 
     p = sub.add_parser("check", help="validate a checkpoint against the contract")
     p.add_argument("dir")
@@ -469,7 +536,15 @@ def main(argv: list[str] | None = None) -> int:
 def _is_bad_input(e: Exception) -> bool:
     from eagle3.config import ConfigError
 
-    names = {"CheckpointError", "BadInput", "PromptTooLong", "SourceError", "OutsideScope"}
+    names = {
+        "CheckpointError",
+        "BadInput",
+        "PromptTooLong",
+        "SourceError",
+        "OutsideScope",
+        "HeadError",
+        "ReleaseError",
+    }
     return isinstance(e, ConfigError) or type(e).__name__ in names
 
 

@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     PositiveInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -122,6 +123,21 @@ class CatalogEntry(Section):
     )
 
 
+class MixStage(Section):
+    """Another data stage whose training samples join the main stage's, written to
+    `<run_dir>/data-<name>/`: e.g. teacher-forced text (the sources' own answers, regenerate off)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    sources: list[SourceSpec]
+    regenerate: bool = False
+
+    @model_validator(mode="after")
+    def _has_sources(self) -> MixStage:
+        if not self.sources:
+            raise ValueError(f"data.mix {self.name!r}: sources is empty")
+        return self
+
+
 class DataConfig(Section):
     sources: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(name="sharegpt")])
     # Extra named sets (a local JSONL, or another pinned wheel member), usable in `sources`.
@@ -144,13 +160,20 @@ class DataConfig(Section):
     max_disk_gb: float = Field(default=50.0, gt=0)  # refuse feature shards above this (GB = 1e9 B)
     draft_vocab_size: int = Field(default=32000, ge=1)
     val_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
+    # Extra data stages made by the same command and mixed into training (their own sources and
+    # regenerate setting; everything else as above). Validation stays the main stage's.
+    mix: list[MixStage] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _endpoint_needed(self) -> DataConfig:
-        if self.backend == "openai" and self.regenerate and not self.endpoint:
-            raise ValueError("data.endpoint is required when data.backend is 'openai'")
+        if self.backend == "openai" and not self.endpoint:
+            if self.regenerate or any(m.regenerate for m in self.mix):
+                raise ValueError("data.endpoint is required when data.backend is 'openai'")
         if not self.sources:
             raise ValueError("data.sources is empty")
+        names = [m.name for m in self.mix]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.mix: stage names must be unique, got {names}")
         return self
 
 
@@ -180,7 +203,20 @@ class TrainConfig(Section):
     init_from: str | None = None
     # Data dirs of other data stages of the same target (e.g. one run with data.regenerate=false)
     # whose training samples join this run's; validation stays this run's own held-out samples.
+    # Stages declared in data.mix join without being listed here.
     mix_data: list[str] = Field(default_factory=list)
+    # eagle3: a row counts where the token it predicts is a loss token, loss = mean over counted
+    # rows per step. specforge: SpecForge's online Eagle3 model (eagle3/train/ttt.py says exactly
+    # how it differs). For A/B runs; the checkpoint format is the same.
+    loss_style: Literal["eagle3", "specforge"] = "eagle3"
+    # bf16 autocast of the draft's forward/backward (fp32 master weights). auto: on CUDA, and on a
+    # CPU whose flags show bf16 arithmetic (avx512_bf16 or amx_bf16); on, off: as said.
+    autocast: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("autocast", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML 1.1
 
 
 class EvalConfig(Section):
@@ -197,6 +233,9 @@ class EvalConfig(Section):
     # eagle3: our engine (batch 1, tree, the lossless reference); vllm: the head served by vLLM
     # (`vllm:` section), with and without the head, at batch 1 and at `vllm.concurrency`.
     engine: Literal["eagle3", "vllm"] = "eagle3"
+    # Also decode every prompt with the prompt-lookup branch off (infer.lookup_tokens=0), so the
+    # report shows what the head gives alone (`tree_only`) beside the head + lookup branch.
+    tree_only: bool = False
 
 
 class VllmConfig(Section):

@@ -36,6 +36,30 @@ def resolve_device(name: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU feature flags Linux reports (/proc/cpuinfo `flags`); empty where it cannot say."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def cpu_has_bf16(flags: set[str] | None = None) -> bool:
+    """Whether the CPU does bf16 arithmetic in hardware (AVX-512 bf16 or AMX). Only there is bf16
+    autocast expected to pay on a CPU; elsewhere oneDNN converts to fp32 around each matmul."""
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in BF16_CPU_FLAGS)
+
+
 def describe_device(device: str) -> str:
     import torch
 

@@ -32,29 +32,34 @@ def data_key(recipe) -> str:
     persist_result=True,
     result_serializer="json",
 )
-def data_task(recipe, key: str) -> dict:
+def data_task(recipe, key: str, data_dir: str | None = None) -> dict:
     from eagle3.data.pipeline import run_data
 
-    manifest = run_data(recipe, progress=show_progress())
+    manifest = run_data(recipe, progress=show_progress(), data_dir=data_dir)
     return json.loads(json.dumps(manifest, default=str))
 
 
-def manifest_numbers(manifest: dict) -> dict[str, float]:
+def manifest_numbers(manifest: dict, stage: str = "data") -> dict[str, float]:
     """The manifest's counts, one level deep: data/samples.conversations, data/tokens.total, ..."""
     out = {}
     for k, v in manifest.items():
         items = v.items() if isinstance(v, dict) else [(None, v)]
         for k2, v2 in items:
             if isinstance(v2, (int, float)) and not isinstance(v2, bool):
-                out[f"data/{k}" + (f".{k2}" if k2 else "")] = float(v2)
+                out[f"{stage}/{k}" + (f".{k2}" if k2 else "")] = float(v2)
     return out
 
 
 @task(name="log-data", retries=3, retry_delay_seconds=RETRY_DELAYS)
-def log_data_task(recipe, manifest: dict, parent_run_id: str | None) -> str:
+def log_data_task(
+    recipe, manifest: dict, parent_run_id: str | None, mixed: dict | None = None
+) -> str:
     path = recipe.run_path / "data" / "manifest.json"
     with mlflow_run(recipe, "data", parent_run_id) as (t, run_id):
         t.log_metrics(run_id, manifest_numbers(manifest))
+        for stage, m in (mixed or {}).items():  # data.mix stages: data-<name>/...
+            t.log_metrics(run_id, manifest_numbers(m, stage))
+            t.log_json(parent_run_id or run_id, m, f"{stage}/manifest.json")
         target = manifest.get("target") or {}
         tags = {
             "eagle3.data_digest": manifest.get("digest"),
@@ -76,11 +81,18 @@ def datagen_flow(
     overrides: list[str] | None = None,
     parent_run_id: str | None = None,
 ) -> dict:
+    from eagle3.data.stages import data_stages
+
     r = resolve_recipe(recipe, overrides)
     tag_flow_run(r)
-    manifest_path = r.run_path / "data" / "manifest.json"
-    task_ = data_task.with_options(refresh_cache=not manifest_path.is_file())
-    manifest = task_(r, data_key(r))
-    log_data_task(r, manifest, parent_run_id)
-    print(f"data: {manifest_path} (digest {str(manifest.get('digest'))[:12]})")
+    manifests = {}
+    stages = data_stages(r)
+    for i, stage in enumerate(stages):  # the main stage, then data.mix (each resumes on its own)
+        manifest_path = stage.data_dir / "manifest.json"
+        print(f"data stage {i + 1}/{len(stages)}: {stage.name} -> {stage.data_dir}")
+        task_ = data_task.with_options(refresh_cache=not manifest_path.is_file())
+        manifests[stage.name] = m = task_(stage.recipe, data_key(stage.recipe), str(stage.data_dir))
+        print(f"{stage.name}: {manifest_path} (digest {str(m.get('digest'))[:12]})")
+    manifest = manifests.pop(stages[0].name)
+    log_data_task(r, manifest, parent_run_id, manifests)
     return manifest

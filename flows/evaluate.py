@@ -27,10 +27,23 @@ from flows.common import (
 
 
 @task(name="benchmark", tags=["gpu"])
-def bench_task(recipe, draft_dir: str, datasets: list[str] | None = None, limit: int | None = None):
+def bench_task(
+    recipe,
+    draft_dir: str,
+    datasets: list[str] | None = None,
+    limit: int | None = None,
+    journal: str | None = None,
+):
     from eagle3.eval.bench import run_bench
 
-    report = run_bench(recipe, draft_dir, datasets=datasets, limit=limit, progress=show_progress())
+    report = run_bench(
+        recipe,
+        draft_dir,
+        datasets=datasets,
+        limit=limit,
+        progress=show_progress(),
+        journal=journal,
+    )
     return json.loads(json.dumps(report, default=str))
 
 
@@ -247,7 +260,8 @@ def evaluate_flow(
     with mlflow_run(r, "evaluate", parent_run_id) as (t, run_id):
         art_run = parent_run_id or run_id
         problems = check_task(str(draft))
-        report = bench_task(r, str(draft))
+        # Every finished prompt is kept in the journal: a stopped pipeline resumes the bench.
+        report = bench_task(r, str(draft), journal=str(r.run_path / "bench_report.prompts.json"))
         write_json(r.run_path / "bench_report.json", report)
         metrics = log_eval_task(r, report, run_id, art_run, str(draft))
         eval_set = eval_set_signature(r, report)

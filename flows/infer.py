@@ -42,9 +42,19 @@ def _settings_or_none(recipe):
         return None
 
 
-def check_request(config: Any, overrides: list[str] | None, deployment_config: Any) -> None:
-    """Refuse overrides of PROTECTED sections, and (in a deployment's run) another recipe."""
+def check_request(
+    config: Any, overrides: list[str] | None, deployment_config: Any, draft: str | None = None
+) -> None:
+    """Refuse overrides of PROTECTED sections, (in a deployment's run) another recipe, and a
+    `draft` that is not a shipped head's name."""
     from eagle3.config import parse_override
+    from eagle3.heads import known_heads
+
+    if draft is not None and draft not in known_heads():
+        raise PermissionError(
+            f"draft {draft!r}: inference serves the champion or a shipped head by name "
+            f"({', '.join(known_heads()) or 'none shipped'}), not a directory"
+        )
 
     for text in overrides or []:
         parts, _ = parse_override(text)
@@ -149,6 +159,20 @@ def fetch_task(recipe, champ: dict, dest: str) -> str:
     if problems:
         raise CheckpointError(f"champion v{champ['version']}: " + "; ".join(problems))
     return str(out)
+
+
+def named_draft(recipe, draft: str) -> dict:
+    """The champion-shaped record of a shipped head given by name (no registry involved)."""
+    from eagle3.heads import resolve_draft
+    from eagle3.ops.tracking import registered_model_name
+
+    path = resolve_draft(draft)
+    return {
+        "source": "shipped head" if str(path) != str(draft) else "directory",
+        "model": registered_model_name(recipe),
+        "version": Path(draft).name,
+        "uri": str(path),
+    }
 
 
 @task(
@@ -273,20 +297,27 @@ def infer_flow(
     temperature: float | None = None,
     max_new_tokens: int | None = None,
     output_uri: str | None = None,
+    draft: str | None = None,
 ) -> dict:
+    """`draft`: a shipped head's name (heads/<name>/, sha256-checked), served instead of the
+    champion. Only names: a run may not point the flow at an arbitrary directory."""
     from eagle3.ops.tracking import registered_model_name
 
-    check_request(config, overrides, deployment_config())
+    check_request(config, overrides, deployment_config(), draft)
     r = resolve_recipe(config, overrides)
     tag_flow_run(r)
     run_id = flow_run_id() or time.strftime("%Y%m%dT%H%M%S")
     out_key = output_key(r, registered_model_name(r), output_uri, run_id)  # refused up front
     texts = load_prompts_task(r, prompts)
-    champ = resolve_champion_task(r)
     tmp = tempfile.mkdtemp(prefix="eagle3-infer-")
     try:
-        draft = fetch_task(r, champ, str(Path(tmp) / "draft"))
-        rows = generate_task(r, draft, texts, temperature, max_new_tokens)
+        if draft is not None:
+            champ = named_draft(r, draft)
+            path = champ["uri"]
+        else:
+            champ = resolve_champion_task(r)
+            path = fetch_task(r, champ, str(Path(tmp) / "draft"))
+        rows = generate_task(r, path, texts, temperature, max_new_tokens)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for row in rows:
@@ -305,8 +336,13 @@ def infer_flow(
         "output_uri": out_uri,
         "outputs": rows,
     }
+    served = (
+        f"head {champ['uri']} ({champ['source']})"
+        if draft is not None
+        else f"champion {champ['model']} v{champ['version']} ({champ['source']})"
+    )
     print(
         f"{len(rows)} prompts, tau {summary['tau']:.2f}, {summary['tokens_per_s']:.1f} tok/s, "
-        f"champion {champ['model']} v{champ['version']} ({champ['source']}) -> {out_uri}"
+        f"{served} -> {out_uri}"
     )
     return summary

@@ -33,6 +33,7 @@ def pipeline_flow(
 ) -> dict:
     import yaml
 
+    from eagle3.data.stages import training_digest
     from eagle3.ops.tracking import registered_model_name
 
     r = resolve_recipe(config, overrides, profile)
@@ -42,15 +43,21 @@ def pipeline_flow(
         t.log_text(
             parent, yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False), "recipe.yaml"
         )
-        manifest = datagen_flow(r, parent_run_id=parent)
-        trained = train_flow(r, parent_run_id=parent, data_digest=manifest.get("digest"))
+        # Each stage resumes on a rerun: data shards, the train state, the bench's journal.
+        print(f"pipeline 1/4: data ({r.run_path})")
+        datagen_flow(r, parent_run_id=parent)
+        digest = training_digest(r)  # the main stage's, or combined with the mixed stages'
+        print("pipeline 2/4: train")
+        trained = train_flow(r, parent_run_id=parent, data_digest=digest)
+        print("pipeline 3/4: evaluate (bench, register, gate)")
         ev = evaluate_flow(
             r,
             draft_dir=trained.get("draft_dir"),
             parent_run_id=parent,
-            data_digest=manifest.get("digest"),
+            data_digest=digest,
         )
         promoted = {"promoted": False, "decision": ev["decision"]}
+        print("pipeline 4/4: promote")
         if promote and ev["version"]:
             promoted = promote_flow(
                 r,
@@ -73,7 +80,7 @@ def pipeline_flow(
         "mlflow_run_url": t.run_url(parent),
         "mlflow_model_url": t.model_url(registered_model_name(r), ev["version"]),
         "prefect_flow_run_url": flow_run_url(),
-        "data_digest": manifest.get("digest"),
+        "data_digest": digest,
         "draft_dir": ev["draft_dir"],
     }
 

@@ -100,10 +100,10 @@ def train_flow(
 ) -> dict:
     r = resolve_recipe(recipe, overrides)
     tag_flow_run(r)
-    if data_digest is None:
-        manifest = r.run_path / "data" / "manifest.json"
-        if manifest.is_file():
-            data_digest = json.loads(manifest.read_text()).get("digest")
+    if data_digest is None and (r.run_path / "data" / "manifest.json").is_file():
+        from eagle3.data.stages import training_digest
+
+        data_digest = training_digest(r)
     draft_dir = r.run_path / "draft"
     with mlflow_run(r, "train", parent_run_id) as (t, run_id):
         t.set_tags(run_id, {"eagle3.data_digest": data_digest})

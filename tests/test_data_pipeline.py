@@ -332,3 +332,28 @@ def test_training_mixes_in_a_teacher_forced_stage(base, tiny_recipe, tiny_target
     n_extra = sum(conversation_id(s.sample_id) not in own_ids for s in tf_train)
     assert data["train"]["samples"] == len(own_train) + n_extra
     assert data["val"]["samples"] == len(own_val)
+
+
+def test_a_smaller_plan_keeps_the_regenerated_answers_beyond_it(tiny_recipe, tiny_target, source,
+                                                                tmp_path):  # fmt: skip
+    """Lowering the source limit drops the later shards from the stage but keeps their answers,
+    so raising it again regenerates nothing (choose limits that are multiples of shard_size: a
+    cut shard holds other conversations, so its answers are made anew)."""
+    full = make_recipe(tiny_recipe, source, tmp_path, "data.features=false")
+    run_data(full, progress=False, target=tiny_target)
+    data = tmp_path / "data"
+    regen = {p.name: p.stat().st_mtime_ns for p in (data / "regen").glob("*.json")}
+    assert len(regen) == 3
+    small = make_recipe(tiny_recipe, source, tmp_path, "data.features=false",
+                        "data.sources=[{name: chats, limit: 8}]")  # fmt: skip
+    m = run_data(small, progress=False, target=tiny_target)
+    assert [s["path"] for s in m["shards"]] == [
+        "tokens/00000.safetensors",
+        "tokens/00001.safetensors",
+    ]
+    assert not (data / "tokens" / "00002.safetensors").exists()  # not listed, not kept
+    assert (data / "regen" / "00002.json").is_file()  # the answers are kept
+    events = []
+    run_data(full, progress=False, target=tiny_target, callback=events.append)
+    assert {p.name: p.stat().st_mtime_ns for p in (data / "regen").glob("*.json")} == regen
+    assert [e["resumed"] for e in events if e["stage"] == "regenerate"] == [True, True, False]

@@ -60,9 +60,14 @@ def setup(tiny_target):
 
 
 def naive_loss(
-    target, draft, samples, steps: int, weight: float = 0.8
+    target, draft, samples, steps: int, weight: float = 0.8, style: str = "eagle3"
 ) -> tuple[torch.Tensor, list]:
-    """Each sample alone; each step, each row attends explicitly over its list of keys."""
+    """Each sample alone; each step, each row attends explicitly over its list of keys.
+
+    style eagle3: row t of step i counts when the token it predicts (t+2+i) is a loss token; the
+    step's loss is the mean over counted rows. style specforge (SpecForge's Eagle3 model, written
+    out from its code): row t counts when loss_mask[t+i] is set and the target distribution at
+    t+1+i exists; the step's loss is the sum over counted rows / every token of the batch."""
     c = draft.config
     g = c.num_attention_heads // c.num_key_value_heads
     per_step = [[] for _ in range(steps)]
@@ -104,8 +109,10 @@ def naive_loss(
             h = draft.finish(o, h_in[None])[0]
             logits = draft.logits(h)
             for t in range(rows):
-                pred = t + 2 + i  # the token this row predicts
-                if pred >= L or not mask[pred]:
+                if style == "specforge":
+                    if t + 1 + i >= L or not mask[t + i]:
+                        continue
+                elif t + 2 + i >= L or not mask[t + 2 + i]:  # the token this row predicts
                     continue
                 tl = tlogits[t + 1 + i]
                 if not draft.t2d[tl.argmax()]:
@@ -118,15 +125,19 @@ def naive_loss(
                 pfull = torch.softmax(tl, -1)[draft.draft_token_ids]
                 stats[i][2] += float(torch.minimum(pfull, logq.exp()).sum().detach())
             hidden = h
-    total = sum(weight**i * torch.stack(v).mean() for i, v in enumerate(per_step) if v)
+    if style == "specforge":
+        tokens = sum(len(s.input_ids) for s in samples)
+        total = sum(weight**i * torch.stack(v).sum() / tokens for i, v in enumerate(per_step) if v)
+    else:
+        total = sum(weight**i * torch.stack(v).mean() for i, v in enumerate(per_step) if v)
     return total, stats
 
 
-def efficient_loss(target, draft, samples, rows, steps, checkpointing=False):
+def efficient_loss(target, draft, samples, rows, steps, checkpointing=False, style="eagle3"):
     batch = collate([[samples[i] for i in r] for r in rows])
     aux, last = target_hidden(target, batch)
-    inp = step_inputs(target, draft, batch, aux, last)
-    return TTT(draft, steps, 0.8, checkpointing)(*inp.args())
+    inp = step_inputs(target, draft, batch, aux, last, style)
+    return TTT(draft, steps, 0.8, checkpointing, style)(*inp.args())
 
 
 def grads(draft, loss):
@@ -155,6 +166,43 @@ def test_ttt_matches_naive_reference(tiny_target, setup, checkpointing):
         assert stats[i, 3].item() == pytest.approx(ref_stats[i][2], rel=1e-5)
     for name in ref_grads:
         torch.testing.assert_close(got[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_specforge_loss_style_matches_naive_reference(tiny_target, setup):
+    samples, draft = setup
+    steps = 3
+    ref_loss, ref_stats = naive_loss(tiny_target, draft, samples, steps, style="specforge")
+    ref_grads = grads(draft, ref_loss)
+    loss, stats = efficient_loss(
+        tiny_target, draft, samples, [[0, 1], [2], [3, 4]], steps, style="specforge"
+    )
+    got = grads(draft, loss)
+    eagle_loss, eagle_stats = naive_loss(tiny_target, draft, samples, steps)
+    # The styles must differ on this data (else the test proves nothing): other rows, other scale.
+    assert [s[0] for s in ref_stats] != [s[0] for s in eagle_stats]
+    assert abs(ref_loss.item() - eagle_loss.item()) > 1e-3
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for i in range(steps):
+        assert stats[i, 0].item() == ref_stats[i][0]
+        assert stats[i, 2].item() == ref_stats[i][1]
+        assert stats[i, 3].item() == pytest.approx(ref_stats[i][2], rel=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(got[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_needed_rows_cover_both_styles():
+    """The target's lm_head runs exactly on the positions some counted row reads (both styles)."""
+    from eagle3.train.ttt import needed_rows, valid_rows
+
+    seg = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, 1, -1]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0, 1, 1, 1, 0]], dtype=torch.bool)
+    every = torch.ones_like(mask)
+    for style in ("eagle3", "specforge"):
+        used = torch.zeros_like(mask)
+        for i in range(4):
+            rows = valid_rows(seg, mask, every, i, style).nonzero(as_tuple=True)
+            used[rows[0], rows[1] + i + 1] = True  # row t of step i reads the target at t+1+i
+        assert torch.equal(needed_rows(seg, mask, style), used), style
 
 
 def test_packing_does_not_leak_between_samples(tiny_target, setup):

@@ -380,8 +380,10 @@ def _locked(data_dir: Path):
 
 
 def _prune(data_dir: Path, keep: set[Path]) -> None:
-    """Remove shard files of an earlier, larger plan so that nothing stale is listed or read."""
-    for sub in ("regen", "tokens", "features"):
+    """Remove token and feature files of an earlier, larger plan so that nothing stale is listed
+    or read. Regenerated answers (regen/, hours of work) stay: their key is checked before any
+    use, so a later plan that holds the same shard again takes them as they are."""
+    for sub in ("tokens", "features"):
         for p in (data_dir / sub).glob("*"):
             if p.is_file() and p not in keep:
                 p.unlink()
@@ -421,14 +423,14 @@ class _Progress:
     long shard does not sit still; at the end of a shard it is set exactly.
     """
 
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int, enabled: bool, desc: str = "regenerate"):
         from tqdm import tqdm
 
         self.bar = tqdm(
             total=total,
             disable=not enabled,
             unit="conv",
-            desc="regenerate",
+            desc=desc,
             dynamic_ncols=True,
             bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}{postfix}]",
         )
@@ -455,17 +457,22 @@ class _Progress:
 
 
 def run_data(
-    recipe, progress: bool = True, callback: Callback | None = None, target=None
+    recipe,
+    progress: bool = True,
+    callback: Callback | None = None,
+    target=None,
+    data_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """The whole data stage; idempotent and resumable. Returns the manifest (also written).
 
     `callback(event)` gets a dict after every shard ({"stage": "regenerate"|"features", ...}) and
     at the end ({"stage": "done", "digest"}). `target`: an already loaded Target for this recipe
-    (otherwise it is loaded when needed).
+    (otherwise it is loaded when needed). `data_dir`: default `<run_dir>/data` (a data.mix stage
+    has its own, see eagle3.data.stages).
     """
     t0 = time.time()
     d = recipe.data
-    data_dir = recipe.run_path / "data"
+    data_dir = Path(data_dir) if data_dir is not None else recipe.run_path / "data"
     emit = callback or (lambda event: None)
     with _locked(data_dir):
         loaded = load_conversations(recipe)
@@ -486,7 +493,9 @@ def run_data(
                 f"data.max_disk_gb is {d.max_disk_gb:g}; checked exactly before writing"
             )
         stats = RegenStats()
-        bar = _Progress(len(loaded.conversations), progress)
+        bar = _Progress(
+            len(loaded.conversations), progress, "regenerate" if d.regenerate else "tokenize"
+        )
         try:
             for i, convs in enumerate(shards):
                 bar.shard_start(convs)

@@ -9,6 +9,7 @@ output must equal HF generate's token for token (`lossless`).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,8 +51,16 @@ class _Tally:
         for k in ("prefill", "draft", "verify", "accept"):
             self.split[k] = self.split.get(k, 0.0) + res.timings[k]
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> _Tally:
+        return cls(**d)
+
     def merge(self, other: _Tally) -> None:
         self.prompts += other.prompts
+        self.mismatches += other.mismatches
         self.new_tokens += other.new_tokens
         self.cycles += other.cycles
         self.emitted += other.emitted
@@ -140,8 +149,11 @@ def run_bench(
     limit: int | None = None,
     progress: bool = True,
     on_prompt: Callable[[dict], None] | None = None,
+    journal: str | Path | None = None,
 ) -> dict:
-    """Benchmark a draft head on the recipe's eval sets; returns the §4 report (plus `autotune`).
+    """Benchmark a draft head on the recipe's eval sets; returns the §4 report (plus `autotune`,
+    and `tree_only` with eval.tree_only). `journal`: a file where every finished prompt is kept,
+    so that a rerun resumes (eagle3/eval/journal.py); None measures everything afresh.
 
     With eval.engine: vllm the head is measured through vLLM instead (eagle3/eval/vllm_bench.py).
     """
@@ -153,14 +165,21 @@ def run_bench(
     if recipe.eval.threads:
         torch.set_num_threads(recipe.eval.threads)
     try:
-        return _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt)
+        return _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt, journal)
     finally:
         torch.set_num_threads(threads)  # the caller's process keeps its own setting
 
 
-def _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt) -> dict:
+def _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt, journal_path) -> dict:
     from eagle3.data.sources import load_eval_prompts
     from eagle3.env import describe_device
+    from eagle3.eval.journal import (
+        BenchProgress,
+        Journal,
+        bench_key,
+        prompt_key,
+        weights_sha256,
+    )
     from eagle3.infer.engine import draft_dtype, encode_prompt, load_engine
 
     ev = recipe.eval
@@ -199,11 +218,29 @@ def _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt) -> dict:
         )
         say(f"autotune: best {autotuned['best']}")
 
-    def decode_all(ids: list[int], tally: _Tally | None, label: str) -> list[int]:
-        res = engine.generate(
-            ids, temperature=temperature, max_new_tokens=ev.max_new_tokens, seed=recipe.seed
-        )
-        timings = {"eagle3": (len(res.tokens), res.timings["total"])}
+    # The same head without the prompt-lookup branch, on the same prompts (eval.tree_only).
+    tree_only = ev.tree_only and engine.cfg.lookup_tokens > 0
+    device = describe_device(str(target.device))
+    weights = weights_sha256(draft_dir)
+    key = bench_key(weights, recipe, engine.cfg, device, torch.get_num_threads())
+    journal = Journal(journal_path, key)
+    if journal.set_aside:
+        say(f"{journal_path} was measured under other settings: set aside as {journal.set_aside}")
+
+    def spec(ids: list[int], lookup: bool):
+        cfg = engine.cfg
+        if not lookup:
+            engine.cfg = cfg.model_copy(update={"lookup_tokens": 0})
+        try:
+            return engine.generate(
+                ids, temperature=temperature, max_new_tokens=ev.max_new_tokens, seed=recipe.seed
+            )
+        finally:
+            engine.cfg = cfg
+
+    def decode_all(ids: list[int], tallies: list[_Tally] | None, label: str) -> list[int]:
+        results = [spec(ids, True)] + ([spec(ids, False)] if tree_only else [])
+        timings = {}
         if "ar" in ev.baselines:
             ar = engine.generate_ar(
                 ids, temperature=temperature, max_new_tokens=ev.max_new_tokens, seed=recipe.seed
@@ -215,60 +252,99 @@ def _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt) -> dict:
             n = ev.prompt_lookup_num_tokens
             pl, secs = _hf_generate(target, ids, ev.max_new_tokens, temperature, engine.cfg, n)
             timings["hf_prompt_lookup"] = (len(pl), secs)
-        if tally is not None:
+        for tally, res in zip(tallies or [], results, strict=False):
             tally.add_spec(res)
+            tally.add_time("eagle3", len(res.tokens), res.timings["total"])
             for name, (n_tok, s) in timings.items():
-                if name == "eagle3" or name in ev.baselines:
+                if name in ev.baselines:
                     tally.add_time(name, n_tok, s)
             if temperature > 0:
                 tally.lossless = None
             elif res.tokens != ref:
                 tally.lossless = False
                 tally.mismatches.append(label)
-            if on_prompt:
-                on_prompt(
-                    {
-                        "id": label,
-                        "tau": res.tau,
-                        "lossless": res.tokens == ref,
-                        "tokens": len(res.tokens),
-                    }
-                )
+        if tallies is not None and on_prompt:
+            res = results[0]
+            on_prompt(
+                {
+                    "id": label,
+                    "tau": res.tau,
+                    "lossless": res.tokens == ref,
+                    "tokens": len(res.tokens),
+                }
+            )
         return ref
 
-    # Warm-up: allocations, kernels and caches, untimed.
-    first = sets[datasets[0]]
-    for p in first[: ev.warmup]:
-        decode_all(encode_prompt(tok, [{"role": "user", "content": p.turns[0]}]), None, "warmup")
+    def measure(name: str, p) -> dict:
+        tallies = [_Tally() for _ in range(2 if tree_only else 1)]
+        t0 = time.perf_counter()
+        messages: list[dict] = []
+        for t in tallies:
+            t.prompts = 1
+        for turn, text in enumerate(p.turns):
+            messages.append({"role": "user", "content": text})
+            ids = encode_prompt(tok, messages)
+            ref = decode_all(ids, tallies, f"{name}/{p.id}/turn{turn + 1}")
+            messages.append(
+                {"role": "assistant", "content": tok.decode(ref, skip_special_tokens=True)}
+            )
+        return {
+            "dataset": name,
+            "id": str(p.id),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "tally": tallies[0].to_dict(),
+            "tree_only": tallies[1].to_dict() if tree_only else None,
+        }
 
-    report_sets, overall = {}, _Tally()
+    report_sets, overall, overall_tree = {}, _Tally(), _Tally()
+    eta = BenchProgress(sum(len(v) for v in sets.values()))
+    warmed = False
     for name in datasets:
-        tally = _Tally()
+        tally, tally_tree = _Tally(), _Tally()
         for p in sets[name]:
-            messages: list[dict] = []
-            tally.prompts += 1
-            for turn, text in enumerate(p.turns):
-                messages.append({"role": "user", "content": text})
-                ids = encode_prompt(tok, messages)
-                ref = decode_all(ids, tally, f"{name}/{p.id}/turn{turn + 1}")
-                messages.append(
-                    {"role": "assistant", "content": tok.decode(ref, skip_special_tokens=True)}
-                )
+            pkey = prompt_key(name, str(p.id), list(p.turns))
+            rec = journal.get(pkey)
+            if rec is None:
+                if not warmed:  # allocations, kernels and caches, untimed
+                    first = sets[datasets[0]]
+                    for w in first[: ev.warmup]:
+                        msg = [{"role": "user", "content": w.turns[0]}]
+                        decode_all(encode_prompt(tok, msg), None, "warmup")
+                    warmed = True
+                rec = measure(name, p)
+                journal.put(pkey, rec)
+                eta.measured(rec["seconds"])
+            else:
+                eta.resumed()
+            tally.merge(_Tally.from_dict(rec["tally"]))
+            if tree_only:
+                tally_tree.merge(_Tally.from_dict(rec["tree_only"]))
             so_far = tally.summary(with_counts=False)
+            alone = (
+                f", tree only tau {tally_tree.summary(with_counts=False)['tau']}"
+                if tree_only
+                else ""
+            )
             say(
-                f"{name} {p.id}: so far tau {so_far['tau']}, speedup {so_far['speedup']},"
-                f" lossless {so_far['lossless']}"
+                f"{name} {p.id} {eta.line()}: so far tau {so_far['tau']}{alone}, speedup "
+                f"{so_far['speedup']}, lossless {so_far['lossless']}"
             )
         report_sets[name] = tally.summary()
         if tally.mismatches:
             report_sets[name]["mismatches"] = tally.mismatches
+        if tree_only:
+            report_sets[name]["tree_only"] = tally_tree.summary()
+            if tally_tree.mismatches:
+                report_sets[name]["tree_only"]["mismatches"] = tally_tree.mismatches
         overall.merge(tally)
+        overall_tree.merge(tally_tree)
 
     depth, top_k, total = engine.tree_shape()
     report = {
         "target": target.name,
         "draft": str(draft_dir),
-        "device": describe_device(str(target.device)),
+        "draft_sha256": weights,  # of model.safetensors: which weights these numbers are of
+        "device": device,
         "dtype": recipe.target.dtype,
         "threads": torch.get_num_threads(),
         "decoding": {
@@ -283,11 +359,14 @@ def _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt) -> dict:
         },
         "datasets": report_sets,
         "overall": overall.summary(with_counts=False),
+        # Beyond the contract: the head alone, same prompts and settings, lookup branch off.
+        **({"tree_only": overall_tree.summary(with_counts=False)} if tree_only else {}),
         # Engine time split (seconds over all eagle3 generations): where a cycle's time goes.
         "engine_time": {k: round(v, 4) for k, v in overall.split.items()},
     }
     if autotuned:
         report["autotune"] = autotuned
+    report["resumed_prompts"] = eta.skipped
     return report
 
 
@@ -329,7 +408,9 @@ def print_report(report: dict) -> None:
         "lossless",
     ):
         table.add_column(c, justify="right")
-    for name, s in report["datasets"].items():
+    rows = [(name, s) for name, s in report["datasets"].items()]
+    rows += [(f"{name}\ntree only", s["tree_only"]) for name, s in rows if s.get("tree_only")]
+    for name, s in rows:
         tps = s["tokens_per_s"]
         cells = [f"{tps.get(b, 0):.1f}\n({s['speedup'].get('vs_' + b, 0):.2f}x)" for b in baselines]
         table.add_row(
@@ -341,9 +422,13 @@ def print_report(report: dict) -> None:
             *cells,
             str(s["lossless"]),
         )
-    o = report["overall"]
-    cells = [f"({o['speedup'].get('vs_' + b, 0):.2f}x)" for b in baselines]
-    table.add_row("overall", "", "", f"{o['tau']:.2f}", "", *cells, str(o["lossless"]))
+    for name, o in (
+        ("overall", report["overall"]),
+        ("overall\ntree only", report.get("tree_only")),
+    ):
+        if o:
+            cells = [f"({o['speedup'].get('vs_' + b, 0):.2f}x)" for b in baselines]
+            table.add_row(name, "", "", f"{o['tau']:.2f}", "", *cells, str(o["lossless"]))
     console = Console()
     console.print(table)
     for name, s in report["datasets"].items():

@@ -174,7 +174,10 @@ def write_checkpoint(out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        cfg = {**cfg, "eagle3": {**cfg.get("eagle3", {}), WEIGHTS_SHA256: _sha256(tmp / WEIGHTS_FILE)}}
+        cfg = {
+            **cfg,
+            "eagle3": {**cfg.get("eagle3", {}), WEIGHTS_SHA256: _sha256(tmp / WEIGHTS_FILE)},
+        }
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
         _replace_dir(tmp, out)
     except BaseException:
@@ -304,13 +307,17 @@ def check_checkpoint(ckpt_dir: str | Path) -> list[str]:
     d = Path(ckpt_dir)
     if not d.is_dir():
         return [f"{d}: not a directory"]
+    from eagle3.heads import verify_sums
+
+    problems = verify_sums(d)  # a shipped head's SHA256SUMS (none in a training run's draft/)
     try:
         raw = read_raw_config(d)
     except CheckpointError as e:
-        return [str(e)]
+        return problems + [str(e)]
     speculators = spec.is_speculators(raw)
     cfg = spec.portable_view(raw) if speculators else raw
-    problems = spec.refusals(raw) + spec.structure_problems(raw) if speculators else []
+    if speculators:
+        problems += spec.refusals(raw) + spec.structure_problems(raw)
     problems += _check_config(cfg) + unsupported_variants(cfg)
     if not (d / WEIGHTS_FILE).is_file():
         return problems + [f"{WEIGHTS_FILE}: missing"]

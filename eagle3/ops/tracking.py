@@ -316,6 +316,11 @@ def report_metrics(report: dict[str, Any]) -> dict[str, float]:
         out[f"speedup_{k}"] = float(v)
     if "lossless" in overall:
         out["lossless"] = 1.0 if overall["lossless"] else 0.0
+    alone = report.get("tree_only") or {}  # the head without the prompt-lookup branch
+    if "tau" in alone:
+        out["tau_tree_only"] = float(alone["tau"])
+    for k, v in (alone.get("speedup") or {}).items():
+        out[f"speedup_tree_only_{k}"] = float(v)
     alphas: dict[int, list[tuple[float, int]]] = {}
     tps: dict[str, list[float]] = {}
     for ds, r in (report.get("datasets") or {}).items():

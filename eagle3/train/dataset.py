@@ -6,7 +6,10 @@ read by slices through safetensors' memory map, so a packed micro-batch touches 
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,6 +24,10 @@ class SampleList:
         self.samples = list(samples)
         self.lengths = [len(s.input_ids) for s in self.samples]
 
+    @property
+    def sample_ids(self) -> list[str]:
+        return [s.sample_id for s in self.samples]
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -29,10 +36,20 @@ class SampleList:
 
 
 class ShardDataset:
-    """FeatureSamples of offline shards (eagle3.data.features layout), loaded one at a time."""
+    """FeatureSamples of offline shards (eagle3.data.features layout), loaded one at a time.
 
-    def __init__(self, shards: list[str | Path]):
+    `keep(sample_id)` selects samples (default all); `prefix` is put before every sample id (a
+    mixed data stage's samples are named `<its dir>:<id>`)."""
+
+    def __init__(
+        self,
+        shards: list[str | Path],
+        keep: Callable[[str], bool] | None = None,
+        prefix: str = "",
+    ):
         from safetensors import safe_open
+
+        self.prefix = prefix
 
         self.index: list[tuple[Path, str, int, int]] = []
         for path in shards:
@@ -50,9 +67,15 @@ class ShardDataset:
                     f"feature shard {path}: {len(ids)} sample ids but {len(off)} offsets"
                 )
             self.index += [
-                (path, sid, a, b) for sid, a, b in zip(ids, off[:-1], off[1:], strict=True)
+                (path, sid, a, b)
+                for sid, a, b in zip(ids, off[:-1], off[1:], strict=True)
+                if keep is None or keep(sid)
             ]
         self.lengths = [b - a for _, _, a, b in self.index]
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [self.prefix + sid for _, sid, _, _ in self.index]
 
     def __len__(self) -> int:
         return len(self.index)
@@ -64,7 +87,7 @@ class ShardDataset:
         with safe_open(str(path), framework="pt") as f:
             t = {k: f.get_slice(k)[a:b] for k in ("input_ids", "loss_mask", "aux", "last_hidden")}
         return FeatureSample(
-            sample_id=sid,
+            sample_id=self.prefix + sid,
             input_ids=t["input_ids"].long(),
             loss_mask=t["loss_mask"].bool(),
             aux=t["aux"],
@@ -72,8 +95,30 @@ class ShardDataset:
         )
 
 
-def as_dataset(data) -> SampleList | ShardDataset:
-    if isinstance(data, (SampleList, ShardDataset)):
+class Concat:
+    """Several datasets as one (a run's shards followed by those of its mixed data stages)."""
+
+    def __init__(self, parts: list):
+        self.parts = [as_dataset(p) for p in parts]
+        self.lengths = [n for p in self.parts for n in p.lengths]
+        self.starts = list(itertools.accumulate((len(p) for p in self.parts), initial=0))
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [i for p in self.parts for i in p.sample_ids]
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        part = bisect.bisect_right(self.starts, i) - 1
+        return self.parts[part][i - self.starts[part]]
+
+
+def as_dataset(data) -> SampleList | ShardDataset | Concat:
+    if isinstance(data, (SampleList, ShardDataset, Concat)):
         return data
     return SampleList(data)
 

@@ -54,10 +54,15 @@ def target_hidden(target, batch: Packed) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def step_inputs(
-    target, draft, batch: Packed, aux: torch.Tensor, last_hidden: torch.Tensor
+    target,
+    draft,
+    batch: Packed,
+    aux: torch.Tensor,
+    last_hidden: torch.Tensor,
+    loss_style: str = "eagle3",
 ) -> StepInputs:
     with torch.no_grad():
-        need = needed_rows(batch.segment, batch.loss_mask)
+        need = needed_rows(batch.segment, batch.loss_mask, loss_style)
         dist = target_dist(target.lm_head, last_hidden, draft.draft_token_ids, draft.t2d, need)
         embeds = target.embed(batch.input_ids)
     return StepInputs(aux, embeds, batch.position_ids, batch.segment, batch.loss_mask, dist)
@@ -67,7 +72,13 @@ class FeatureSource:
     """Gives StepInputs for a micro-batch in the recipe's feature mode."""
 
     def __init__(
-        self, target, draft, mode: str, cache_dir: Path | None = None, cache_dtype=torch.bfloat16
+        self,
+        target,
+        draft,
+        mode: str,
+        cache_dir: Path | None = None,
+        cache_dtype=torch.bfloat16,
+        loss_style: str = "eagle3",
     ):
         if mode not in ("online", "offline", "hybrid"):
             raise ValueError(f"train.features must be online, offline or hybrid, got {mode!r}")
@@ -75,6 +86,7 @@ class FeatureSource:
             raise ValueError("hybrid features need a cache directory")
         self.target, self.draft, self.mode = target, draft, mode
         self.cache_dir, self.cache_dtype = cache_dir, cache_dtype
+        self.loss_style = loss_style
         self.target_seconds = 0.0  # time spent in the target (forward or lm_head), for throughput
 
     def __call__(self, batch: Packed, batch_id: int, epoch: int) -> StepInputs:
@@ -93,7 +105,7 @@ class FeatureSource:
             aux, last = target_hidden(self.target, batch)
             if self.mode == "hybrid":
                 self._store(batch_id, aux, last)
-        out = step_inputs(self.target, self.draft, batch, aux, last)
+        out = step_inputs(self.target, self.draft, batch, aux, last, self.loss_style)
         self.target_seconds += time.perf_counter() - t0
         return out
 

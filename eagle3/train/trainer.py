@@ -25,7 +25,7 @@ from eagle3.config import ConfigError, Recipe
 from eagle3.io import write_json_atomic
 from eagle3.train import dist as D
 from eagle3.train.batching import Loader, batch_index, epoch_order
-from eagle3.train.dataset import ShardDataset, as_dataset
+from eagle3.train.dataset import Concat, ShardDataset, as_dataset
 from eagle3.train.inputs import FeatureSource
 from eagle3.train.optim import make_optimizer
 from eagle3.train.state import (
@@ -52,7 +52,10 @@ class DataMissing(FileNotFoundError):
 
 # --- entry point ---------------------------------------------------------------------------------
 def run_training(recipe: Recipe, progress: bool = True, callback: Callback | None = None) -> dict:
-    """Train on the data stage's output in `<run_dir>/data` (see train() for the summary)."""
+    """Train on the data stage's output in `<run_dir>/data`, plus the training samples of the mixed
+    stages (data.mix, train.mix_data); see train() for the summary."""
+    from eagle3.data.stages import combined_digest, mixed_dirs
+
     data_dir = recipe.run_path / "data"
     manifest_path = data_dir / "manifest.json"
     if not manifest_path.is_file():
@@ -63,7 +66,8 @@ def run_training(recipe: Recipe, progress: bool = True, callback: Callback | Non
     from eagle3.data.pipeline import feature_shards, load_token_samples, load_vocab
 
     vocab = load_vocab(data_dir)
-    if recipe.train.features == "offline":
+    offline = recipe.train.features == "offline"
+    if offline:
         train_shards, val_shards = feature_shards(data_dir)
         if not train_shards:
             raise ConfigError(
@@ -74,13 +78,12 @@ def run_training(recipe: Recipe, progress: bool = True, callback: Callback | Non
     else:
         train_set, val_set = load_token_samples(data_dir)
     digest = str(manifest.get("digest", ""))
-    if recipe.train.mix_data:
-        if recipe.train.features == "offline":
-            raise ConfigError("train.mix_data needs train.features online or hybrid")
-        held_out = {conversation_id(s.sample_id) for s in val_set}
-        extra, digests = mixed_samples(recipe.train.mix_data, manifest, held_out)
-        train_set = train_set + extra
-        digest = hashlib.sha256(json.dumps([digest, *digests]).encode()).hexdigest()
+    dirs = mixed_dirs(recipe)
+    if dirs:
+        held_out = {conversation_id(i) for i in as_dataset(val_set).sample_ids}
+        extra, digests = mixed_samples(dirs, manifest, held_out, features=offline)
+        train_set = Concat([train_set, *extra]) if offline else train_set + extra
+        digest = combined_digest(digest, digests)
     return train(
         recipe,
         train_set,
@@ -97,28 +100,53 @@ def conversation_id(sample_id: str) -> str:
     return sample_id.split("#", 1)[0]
 
 
-def mixed_samples(dirs: list[str], manifest: dict, held_out: set[str]) -> tuple[list, list[str]]:
+def mixed_samples(
+    dirs: list, manifest: dict, held_out: set[str], features: bool = False
+) -> tuple[list, list[str]]:
     """Training samples of other data stages, renamed `<dir>:<id>`, without this run's held-out
-    conversations (their teacher-forced twins would leak into training). Returns (samples,
-    digests). Each stage must share this run's target and chat template."""
+    conversations (their teacher-forced twins would leak into training). Returns (samples, or one
+    ShardDataset per stage when `features`; digests). Each stage must share this run's target and
+    chat template (and feature settings when `features`)."""
     from eagle3.data.manifest import read_manifest
-    from eagle3.data.pipeline import load_token_samples
+    from eagle3.data.pipeline import feature_shards, load_token_samples
 
     out, digests = [], []
     for d in dirs:
+        d = str(d)
         try:
             other = read_manifest(d)  # also refuses a manifest edited by hand
         except FileNotFoundError as e:
-            raise DataMissing(f"train.mix_data: {e}") from e
-        for key in ("target", "chat_template_sha256"):
+            raise DataMissing(f"mixed data stage: {e}") from e
+        keys = ["target", "chat_template_sha256"]
+        if features:
+            keys += ["aux_layer_ids"]
+        for key in keys:
             if other.get(key) != manifest.get(key):
-                raise ConfigError(f"train.mix_data {d}: its {key} differs from this run's data")
-        train_part, _ = load_token_samples(d)
-        out += [
-            dataclasses.replace(s, sample_id=f"{d}:{s.sample_id}")
-            for s in train_part
-            if conversation_id(s.sample_id) not in held_out
-        ]
+                raise ConfigError(f"mixed data stage {d}: its {key} differs from this run's data")
+        if not features:
+            train_part, _ = load_token_samples(d)
+            out += [
+                dataclasses.replace(s, sample_id=f"{d}:{s.sample_id}")
+                for s in train_part
+                if conversation_id(s.sample_id) not in held_out
+            ]
+        else:
+            mine, theirs = (m.get("features") or {} for m in (manifest, other))
+            if not theirs.get("written"):
+                raise ConfigError(
+                    f"train.features is offline but mixed data stage {d} holds no feature "
+                    "shards (set data.features=true and rerun `eagle3 data`)"
+                )
+            if theirs.get("dtype") != mine.get("dtype"):
+                raise ConfigError(
+                    f"mixed data stage {d}: its feature dtype differs from this run's"
+                )
+            shards, _ = feature_shards(d)
+            out.append(
+                ShardDataset(
+                    shards, keep=lambda i: conversation_id(i) not in held_out, prefix=f"{d}:"
+                )
+            )
         digests.append(str(other.get("digest", "")))
     return out, digests
 
@@ -157,6 +185,17 @@ def _init_from(draft, path: str) -> None:
     missing, unexpected = draft.load_state_dict(src.state_dict(), strict=False)
     if unexpected or [m for m in missing if m != "inv_freq"]:
         raise ConfigError(f"train.init_from {path}: tensors do not match ({missing} {unexpected})")
+
+
+def autocast_enabled(setting: str, device: str, flags: set[str] | None = None) -> bool:
+    """train.autocast resolved: auto means on CUDA, and on a CPU with bf16 hardware."""
+    if setting in ("on", "off"):
+        return setting == "on"
+    if device.startswith("cuda"):
+        return True
+    from eagle3.env import cpu_has_bf16
+
+    return cpu_has_bf16(flags)
 
 
 def _has_features(dataset) -> bool:
@@ -216,6 +255,7 @@ class _Run:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.timing = {"target": 0.0, "draft": 0.0, "optimizer": 0.0, "data": 0.0}
+        self.autocast = autocast_enabled(recipe.train.autocast, self.device)
 
     # --- setup ---------------------------------------------------------------------------------
     def fit(self, train_set, val_set, vocab) -> dict:
@@ -233,7 +273,9 @@ class _Run:
         self._check_best_metric()
 
         self.draft = build_draft(self.recipe, self.target, vocab).to(self.device)
-        self.ttt = TTT(self.draft, cfg.ttt_steps, cfg.step_weight, cfg.grad_checkpointing)
+        self.ttt = TTT(
+            self.draft, cfg.ttt_steps, cfg.step_weight, cfg.grad_checkpointing, cfg.loss_style
+        )
         self.model = D.wrap(self.ttt, info, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt, self.sched = make_optimizer(
@@ -243,13 +285,20 @@ class _Run:
             self.recipe.data.feature_dtype, torch.float32
         )
         self.source = FeatureSource(
-            self.target, self.draft, cfg.features, self.state_dir / "feature_cache", feature_dtype
+            self.target,
+            self.draft,
+            cfg.features,
+            self.state_dir / "feature_cache",
+            feature_dtype,
+            cfg.loss_style,
         )
         if cfg.features == "offline" and not _has_features(train_set):
             raise ConfigError(
                 "train.features is offline but the training samples carry no features"
             )
         # Validation reads features when its samples carry them, else runs the target (hybrid too).
+        # It always counts rows the eagle3 way (the answer tokens a head must predict), so that
+        # runs with different train.loss_style are compared on the same held-out metric.
         self.val_source = FeatureSource(
             self.target, self.draft, "offline" if _has_features(val_set) else "online"
         )
@@ -265,6 +314,12 @@ class _Run:
                 "epochs", "max_steps", "init_from")  # fmt: skip
         fp = {f"train.{k}": getattr(self.cfg, k) for k in keys}
         fp["train.betas"] = list(self.cfg.betas)
+        # Keys added later enter only when they change what older runs did, so that a state saved
+        # before they existed still resumes.
+        if self.cfg.loss_style != "eagle3":
+            fp["train.loss_style"] = self.cfg.loss_style
+        if self.autocast != self.device.startswith("cuda"):
+            fp["train.autocast"] = self.autocast
         fp["data digest"] = self.digest
         fp["train samples"] = n_train
         fp["world size"] = self.info.world
@@ -370,9 +425,10 @@ class _Run:
             bar.close()
 
     def _autocast(self):
-        """bf16 autocast on CUDA (fp32 master weights); plain fp32 on CPU."""
-        if self.device.startswith("cuda"):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast (fp32 master weights) where train.autocast resolves on, else plain fp32."""
+        if self.autocast:
+            kind = "cuda" if self.device.startswith("cuda") else "cpu"
+            return torch.autocast(kind, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _emit(self, step: int, metrics: dict[str, float]) -> None:
@@ -390,14 +446,19 @@ class _Run:
         inner = getattr(self.model, "module", self.model)
         inner.eval()
         sums = torch.zeros(self.cfg.ttt_steps, 4)
-        # Every rank runs the same number of forwards (FSDP2 all-gathers in each); extras are discarded.
-        for r in range(math.ceil(n / info.world)):
-            bid = r * info.world + info.rank
-            inputs = self.val_source(self.val_loader.get(bid % n), bid % n, 0)
-            with self._autocast():
-                _, st = inner(*inputs.args())
-            if bid < n:
-                sums += st.float().cpu()
+        style, inner.loss_style = inner.loss_style, "eagle3"  # see val_source
+        try:
+            # Every rank runs the same number of forwards (FSDP2 all-gathers in each); extras
+            # are discarded.
+            for r in range(math.ceil(n / info.world)):
+                bid = r * info.world + info.rank
+                inputs = self.val_source(self.val_loader.get(bid % n), bid % n, 0)
+                with self._autocast():
+                    _, st = inner(*inputs.args())
+                if bid < n:
+                    sums += st.float().cpu()
+        finally:
+            inner.loss_style = style
         sums = D.all_sum(sums, info)
         m = summarize(sums, "val", self.cfg.step_weight)
         self._emit(step, m)
@@ -445,6 +506,8 @@ class _Run:
                 "top_k": infer.top_k,
             },  # fmt: skip
             "data_digest": self.digest,
+            "recipe": self.recipe.name,
+            "profile": self.recipe.profile,
             "target": self.target.name,
             "target_revision": self.target.revision,
             "target_dtype": self.recipe.target.dtype,  # the export's default dtype
@@ -491,6 +554,9 @@ class _Run:
             "steps_per_epoch": self.per_epoch,
             "world_size": self.info.world,
             "features": self.cfg.features,
+            "loss_style": self.cfg.loss_style,
+            "autocast": self.autocast,
+            "settings": self.cfg.model_dump(mode="json"),  # the recipe's train section
             "data": {
                 "train": self.loader.stats,
                 "val": self.val_loader.stats,

@@ -15,6 +15,24 @@ Indexing (one sample, positions 0..L-1; packed rows only restrict this to each s
 
 The efficient form computes the causal step-0 scores once per step plus i extra score columns
 (q . k_j per row), instead of re-running K full attentions over a K-times longer sequence.
+
+train.loss_style = specforge reproduces SpecForge's online Eagle3 model (sgl-project/SpecForge,
+specforge/algorithms/eagle3/model.py, core/loss.py, modeling/target/target_head.py at a6b6b02).
+Inputs, targets and attention are the same as above; two things differ:
+- mask offset: SpecForge shifts input ids and target logits left by one but not the loss mask,
+  and shifts all three by one more per step, so row t of step i counts when loss_mask[t+i] is set
+  (the token whose features the row carries, i steps on), where we use loss_mask[t+2+i] (the
+  token the row predicts). Its data loader also zeroes the last mask position, so the target
+  distribution at t+1+i must exist; the predicted token t+2+i need not. The in-vocabulary test
+  (the target's argmax at t+1+i is a draft token) is the same in both.
+  At step 0 SpecForge so trains on the predictions of an answer's third token through up to two
+  tokens past its end-of-turn marker, we on its first token through the marker.
+- normalisation: SpecForge's step loss is sum(mask * CE) / (B*T), a mean over every position of
+  the batch (counted or not), where ours is a mean over the counted rows. With packed rows, B*T
+  is the number of real (non-padding) tokens of the micro-batch: SpecForge pads each batch to
+  its longest sample and usually trains one sample per GPU, so there B*T is that sample's length.
+  Steps with fewer counted rows (later steps, answers short next to their prompts) weigh less.
+The statistics (loss_i, acc_i, accept_i) stay means over the rows each style counts.
 """
 
 from __future__ import annotations
@@ -26,6 +44,7 @@ from torch import nn
 
 # Per-step statistics, summed over counted positions (so that ranks and micro-batches add up).
 STAT_NAMES = ("count", "loss", "correct", "accept")
+LOSS_STYLES = ("eagle3", "specforge")
 
 
 @dataclass
@@ -69,19 +88,25 @@ def target_dist(
     return TargetDist(logp.view(b, t, vd), p_full.view(b, t, vd), in_vocab.view(b, t))
 
 
-def needed_rows(segment: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """bool [B,T]: positions p whose target distribution some step uses: p >= 1 and the token it
-    predicts (p+1) is a loss token of the same sample. Prompt positions skip the target's lm_head."""
-    nxt = shift(segment, 1, -1) == segment
-    need = nxt & (segment >= 0) & shift(loss_mask, 1, False)
-    need[:, 0] = False
-    return need
+def needed_rows(
+    segment: torch.Tensor, loss_mask: torch.Tensor, style: str = "eagle3"
+) -> torch.Tensor:
+    """bool [B,T]: positions p whose target distribution some step uses: p is not its sample's
+    first position, and the token it predicts (p+1) is a loss token of the same sample
+    (specforge: the token before it, p-1). Other positions skip the target's lm_head."""
+    need = (shift(segment, -1, -1) == segment) & (segment >= 0)
+    if style == "specforge":
+        return need & shift(loss_mask, -1, False)
+    return need & (shift(segment, 1, -1) == segment) & shift(loss_mask, 1, False)
 
 
 def shift(x: torch.Tensor, k: int, fill=0) -> torch.Tensor:
-    """x[:, t + k] at index t (dim 1), `fill` where t + k runs past the end."""
+    """x[:, t + k] at index t (dim 1), `fill` where t + k runs past either end."""
     if k == 0:
         return x
+    if k < 0:
+        pad = torch.full_like(x[:, :-k], fill)
+        return torch.cat((pad, x[:, :k]), dim=1)
     pad = torch.full_like(x[:, :k], fill)
     return torch.cat((x[:, k:], pad), dim=1)
 
@@ -97,9 +122,16 @@ def block_causal(segment: torch.Tensor) -> torch.Tensor:
 
 
 def valid_rows(
-    segment: torch.Tensor, loss_mask: torch.Tensor, in_vocab: torch.Tensor, step: int
+    segment: torch.Tensor,
+    loss_mask: torch.Tensor,
+    in_vocab: torch.Tensor,
+    step: int,
+    style: str = "eagle3",
 ) -> torch.Tensor:
-    """bool [B,T]: rows counted at `step` (see the module docstring)."""
+    """bool [B,T]: rows counted at `step` (see the module docstring for both styles)."""
+    if style == "specforge":
+        same = (shift(segment, step + 1, -1) == segment) & (segment >= 0)
+        return same & shift(loss_mask, step, False) & shift(in_vocab, step + 1, False)
     same = (shift(segment, step + 2, -1) == segment) & (segment >= 0)
     return same & shift(loss_mask, step + 2, False) & shift(in_vocab, step + 1, False)
 
@@ -155,15 +187,23 @@ class TTT(nn.Module):
     """The unroll as a module, so that DDP / FSDP wrap one forward. forward -> (loss, stats [K,4])."""
 
     def __init__(
-        self, draft: nn.Module, steps: int, step_weight: float = 0.8, checkpointing: bool = False
+        self,
+        draft: nn.Module,
+        steps: int,
+        step_weight: float = 0.8,
+        checkpointing: bool = False,
+        loss_style: str = "eagle3",
     ):
         super().__init__()
         if steps < 1:
             raise ValueError(f"train.ttt_steps must be >= 1, got {steps}")
+        if loss_style not in LOSS_STYLES:
+            raise ValueError(f"train.loss_style must be one of {LOSS_STYLES}, got {loss_style!r}")
         self.draft = draft
         self.steps = steps
         self.step_weight = step_weight
         self.checkpointing = checkpointing
+        self.loss_style = loss_style
 
     def forward(
         self,
@@ -184,6 +224,8 @@ class TTT(nn.Module):
         diag_v: list[torch.Tensor] = []
         total = hidden.new_zeros((), dtype=torch.float32)
         stats = []
+        # specforge: every step's loss sum is divided by the batch's real token count.
+        tokens = (segment >= 0).sum().clamp(min=1).float()
         for i in range(self.steps):
             e = shift(embeds, i + 1)
             pos = position_ids + i
@@ -210,9 +252,11 @@ class TTT(nn.Module):
                 diag_k.append(k)
                 diag_v.append(v)
             # The lm_head (the draft's largest matmul) runs only on the rows that count.
-            rows = valid_rows(segment, loss_mask, target.in_vocab, i).nonzero(as_tuple=True)
+            rows = valid_rows(segment, loss_mask, target.in_vocab, i, self.loss_style)
+            rows = rows.nonzero(as_tuple=True)
             loss_sum, st = step_stats(draft.logits(h[rows]), target, rows, i)
-            total = total + self.step_weight**i * loss_sum / st[0].clamp(min=1)
+            denom = tokens if self.loss_style == "specforge" else st[0].clamp(min=1)
+            total = total + self.step_weight**i * loss_sum / denom
             stats.append(st)
             hidden = h
         return total, torch.stack(stats)
