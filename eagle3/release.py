@@ -1,9 +1,10 @@
 """`eagle3 release`: a trained draft as a head that ships in the repository (`heads/<name>/`).
 
-The release holds the checkpoint in bf16 (model.safetensors + config.json, contract §3), the bench
-reports its card quotes, CARD.md (data, training, held-out acceptance per TTT step, bench figures,
-the commands that reproduce the head and its numbers) and SHA256SUMS over every other file. It is
-built in a temp folder, checked (`eagle3 check`, size limit), then swapped into place.
+The release (docs/CONTRACTS.md §8) holds the checkpoint in bf16 (model.safetensors + config.json,
+§3), the bench reports its card quotes, CARD.md (data, training, held-out acceptance per TTT
+step, bench figures, the commands that reproduce the head and its numbers) and SHA256SUMS over
+every other file. It is built in a temp folder, checked (`eagle3 check`, size limit), then
+swapped into place.
 """
 
 from __future__ import annotations

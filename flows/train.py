@@ -32,7 +32,8 @@ def train_key(recipe, data_digest: str | None) -> str:
 
 
 def contract_names(metrics: dict[str, float]) -> dict[str, float]:
-    """The trainer's keys plus the CONTRACTS §6 `eval/acc_<i>` names for its val/acc_<i>."""
+    """The trainer's keys plus the docs/CONTRACTS.md §6 `eval/acc_<i>` names for its
+    val/acc_<i>."""
     out = dict(metrics)
     for k, v in metrics.items():
         if k.startswith("val/acc_"):

@@ -1,4 +1,5 @@
-"""The portable checkpoint (CONTRACTS.md §3): round trip, the checker, exports, public checkpoints."""
+"""The portable checkpoint (docs/CONTRACTS.md §3): round trip, the checker, exports, public
+checkpoints."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The draft head against a naive implementation written here from CONTRACTS.md §3."""
+"""The draft head against a naive implementation written here from docs/CONTRACTS.md §3."""
 
 from __future__ import annotations
 

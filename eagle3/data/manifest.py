@@ -1,4 +1,4 @@
-"""The data manifest (CONTRACTS.md §5) and its digest.
+"""The data manifest (docs/CONTRACTS.md §5) and its digest.
 
 The digest is a sha256 over `digest_of`: what the training data IS, not how it was made or stored:
 - the token samples (id, input ids, loss mask), hashed in sample-id order, and the train/val split;

@@ -6,7 +6,7 @@ Layout of `<run_dir>/data/`:
                                    file exists and carries the shard's current key
   vocab.safetensors                the draft vocabulary (d2t, t2d)
   features/{train,val}-00000.safetensors   aux + last hidden state (when data.features)
-  manifest.json                    written last (CONTRACTS.md §5)
+  manifest.json                    written last (docs/CONTRACTS.md §5)
 Every file is written atomically (temp file + rename), so a killed run loses at most the shard in
 flight and a rerun skips what is done. A key (sha256 of everything that decides a file's content)
 is stored in each file: change the recipe and only what it affects is redone.

@@ -45,7 +45,8 @@ class SpecCounters:
         return [round(a / self.drafts, 4) if self.drafts else 0.0 for a in self.per_pos]
 
     def alpha(self) -> list[float]:
-        """P(position i accepted | position i - 1 accepted): the report's alpha (CONTRACTS §4)."""
+        """P(position i accepted | position i - 1 accepted): the report's alpha
+        (docs/CONTRACTS.md §4)."""
         tried = [self.drafts, *self.per_pos[:-1]]
         return [round(a / t, 4) if t else 0.0 for a, t in zip(self.per_pos, tried, strict=True)]
 

@@ -1,4 +1,4 @@
-"""The portable draft checkpoint (CONTRACTS.md §3): save, load, check.
+"""The portable draft checkpoint (docs/CONTRACTS.md §3): save, load, check.
 
 A directory with config.json (LlamaConfig-shaped, architectures LlamaForCausalLMEagle3) and
 model.safetensors. It loads unchanged in SGLang and vLLM; `check_checkpoint` lists every way a
@@ -302,7 +302,7 @@ def load_draft(
 
 # --- validation ---------------------------------------------------------------------------------
 def check_checkpoint(ckpt_dir: str | Path) -> list[str]:
-    """Every departure from CONTRACTS.md §3 (or from the speculators format, for such a
+    """Every departure from docs/CONTRACTS.md §3 (or from the speculators format, for such a
     directory), as readable lines; empty when the checkpoint is valid."""
     d = Path(ckpt_dir)
     if not d.is_dir():

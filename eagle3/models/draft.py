@@ -1,4 +1,4 @@
-"""The EAGLE-3 draft head (CONTRACTS.md §3).
+"""The EAGLE-3 draft head (docs/CONTRACTS.md §3).
 
 One Llama decoder layer whose attention reads cat(input_layernorm(embed(token)), hidden_norm(h))
 (width 2H, embedding first); the residual around attention is the un-normed h. At the first draft

@@ -1,7 +1,7 @@
 """The local stack on loopback: a Prefect server, an MLflow server and SeaweedFS S3.
 
 `eagle3 stack up` starts what is not running yet, waits for each to be healthy, creates the bucket
-and writes `<state>/stack.env` (CONTRACTS.md §1); it is idempotent. `down` stops exactly the
+and writes `<state>/stack.env` (docs/CONTRACTS.md §1); it is idempotent. `down` stops exactly the
 process groups it started (pids recorded in `<state>/stack.json`, checked against their command
 line so that a recycled pid is never signalled). `status` reports each component.
 

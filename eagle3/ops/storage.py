@@ -1,6 +1,6 @@
 """S3 through boto3: immutable draft versions verified by sha256, conditional writes, downloads.
 
-Layout (CONTRACTS.md §6):
+Layout (docs/CONTRACTS.md §6):
     s3://<bucket>/<prefix>/<registered model>/v<version>/{config.json, model.safetensors, manifest.json}
     s3://<bucket>/<prefix>/<registered model>/champion.json   (eagle3.ops.champion: moved by CAS)
 

@@ -307,7 +307,8 @@ def _metric_key(k: str) -> str:
 
 # --- the benchmark report as metrics ------------------------------------------------------------------
 def report_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """Flat metrics from a CONTRACTS §4 report: overall names of §6, then `<dataset>/...`."""
+    """Flat metrics from a docs/CONTRACTS.md §4 report: overall names of §6, then
+    `<dataset>/...`."""
     out: dict[str, float] = {}
     overall = report.get("overall") or {}
     if "tau" in overall:
