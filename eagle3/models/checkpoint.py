@@ -111,7 +111,8 @@ def draft_config_from_hf(cfg: dict[str, Any]) -> DraftConfig:
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         torch_dtype=dtype if dtype in DTYPES else "float32",
         aux_layer_ids=list(aux) if aux is not None else None,
-        eagle3=dict(cfg.get("eagle3") or {}),
+        # the weights' sha256 belongs to the file it was written with, not to the model
+        eagle3={k: v for k, v in (cfg.get("eagle3") or {}).items() if k != WEIGHTS_SHA256},
     )
 
 
@@ -165,8 +166,11 @@ def draft_tensors(draft: Eagle3Draft, dtype: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_checkpoint(out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg: dict) -> Path:
-    """config.json + model.safetensors, written to a temp dir and swapped into place."""
+def write_checkpoint(
+    out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg: dict, record_sha256: bool = True
+) -> Path:
+    """config.json + model.safetensors, written to a temp dir and swapped into place; with
+    `record_sha256`, config.json's eagle3 block carries the weight file's sha256."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -174,10 +178,9 @@ def write_checkpoint(out_dir: str | Path, tensors: dict[str, torch.Tensor], cfg:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        cfg = {
-            **cfg,
-            "eagle3": {**cfg.get("eagle3", {}), WEIGHTS_SHA256: _sha256(tmp / WEIGHTS_FILE)},
-        }
+        if record_sha256:
+            sha = _sha256(tmp / WEIGHTS_FILE)
+            cfg = {**cfg, "eagle3": {**cfg.get("eagle3", {}), WEIGHTS_SHA256: sha}}
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
         _replace_dir(tmp, out)
     except BaseException:

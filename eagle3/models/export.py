@@ -130,4 +130,6 @@ def _export_speculators(draft_dir, out_dir, verifier: str, dtype: str) -> Path:
     config = spec.speculators_config(
         cfg, verifier, speculative_tokens(cfg), verifier_architectures(verifier)
     )
-    return write_checkpoint(out_dir, tensors, config)
+    # No weights sha256 here: speculators' save_pretrained copies our config block verbatim beside
+    # weights it re-writes (with the target's embedding), which would then never match.
+    return write_checkpoint(out_dir, tensors, config, record_sha256=False)
