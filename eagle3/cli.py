@@ -229,16 +229,16 @@ def _fetch_champion(recipe) -> str:
     """The registry's champion, downloaded and verified under .eagle3/vllm/ (S3 or MLflow)."""
     from eagle3.ops.vllm_server import record_path
 
-    _use_stack()
-    from flows.infer import fetch_task, resolve_champion_task
+    _use_stack(recipe, need=("s3", "mlflow"))
+    from eagle3.ops.champion_fetch import fetch_champion, resolve_champion
 
     try:
-        champ = resolve_champion_task.fn(recipe)
+        champ = resolve_champion(recipe)
     except LookupError as e:
         raise BadInput(str(e)) from None
     dest = record_path().parent / f"champion-{champ['model']}-v{champ['version']}"
     if not (dest / "config.json").is_file():
-        fetch_task.fn(recipe, champ, str(dest))
+        fetch_champion(recipe, champ, dest)
     print(f"champion {champ['model']} v{champ['version']} ({champ['source']}): {dest}")
     return str(dest)
 

@@ -106,29 +106,9 @@ def output_key(recipe, model: str, output_uri: str | None, run_id: str) -> str |
     retry_condition_fn=s3_retryable,
 )
 def resolve_champion_task(recipe) -> dict:
-    from eagle3.ops import champion as ch
+    from eagle3.ops.champion_fetch import resolve_champion
 
-    place = ch.place_for(recipe, tracker(recipe))
-    if place.s3 is not None:  # champion.json is the truth; no fallback to another registry
-        ptr, _ = ch.read_pointer(place)
-        if ptr is None:
-            raise LookupError(f"no champion for {place.model}: {place.pointer_uri} does not exist")
-        return {
-            "source": "s3",
-            "model": place.model,
-            "version": str(ptr["version"]),
-            "uri": ptr["uri"],
-            "manifest_sha256": ptr["manifest_sha256"],
-        }
-    mv = place.tracker.alias_version(place.model, ch.ALIAS)
-    if mv is None:
-        raise LookupError(f"no champion for {place.model}: no S3 configured and no MLflow alias")
-    return {
-        "source": "mlflow",
-        "model": place.model,
-        "version": str(mv.version),
-        "uri": f"models:/{place.model}@champion",
-    }
+    return resolve_champion(recipe, tracker(recipe))
 
 
 @task(
@@ -139,26 +119,9 @@ def resolve_champion_task(recipe) -> dict:
 )
 def fetch_task(recipe, champ: dict, dest: str) -> str:
     """Download + verify; an IntegrityError is never retried and nothing is loaded."""
-    from eagle3.models.checkpoint import CheckpointError, check_checkpoint
-    from eagle3.ops import champion as ch
-    from eagle3.ops import storage
-    from eagle3.ops.promotion import fetch_version
+    from eagle3.ops.champion_fetch import fetch_champion
 
-    if champ["source"] == "s3":
-        out = storage.download_version(
-            _settings_or_none(recipe),
-            champ["model"],
-            champ["version"],
-            Path(dest),
-            expect_manifest_sha256=champ["manifest_sha256"],
-        )
-        storage.verify_local(out)
-    else:
-        out = fetch_version(ch.place_for(recipe, tracker(recipe)), champ["version"], Path(dest))
-    problems = check_checkpoint(out)
-    if problems:
-        raise CheckpointError(f"champion v{champ['version']}: " + "; ".join(problems))
-    return str(out)
+    return str(fetch_champion(recipe, champ, dest, tracker(recipe)))
 
 
 def named_draft(recipe, draft: str) -> dict:

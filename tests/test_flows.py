@@ -337,6 +337,32 @@ def test_inference_detects_a_corrupted_champion_before_loading(recipe, tiny_draf
     assert "generate" not in runs  # the engine never ran
 
 
+def test_serve_fetches_the_champion_verified(recipe, tiny_drafts, s3_env, tmp_path, monkeypatch):
+    """`eagle3 serve --draft champion` fetches what champion.json names, every file verified,
+    through eagle3.ops alone (no Prefect); a corrupted copy in S3 is refused."""
+    from eagle3.cli import _fetch_champion
+    from eagle3.ops.champion_fetch import fetch_champion, resolve_champion
+    from flows.promote import promote_flow
+
+    v1 = register_candidate(recipe, tiny_drafts[0], make_report(1.8, 1.3))
+    assert promote_flow(recipe, version=v1)["promoted"]
+    monkeypatch.setenv("EAGLE3_VLLM_DIR", str(tmp_path / "vllm"))
+    got = Path(_fetch_champion(recipe))
+    assert got.parent == tmp_path / "vllm" and got.name.endswith(f"-v{v1}")
+    for f in ("config.json", "model.safetensors"):
+        assert (got / f).read_bytes() == (tiny_drafts[0] / f).read_bytes()
+
+    champ = resolve_champion(recipe)
+    assert (champ["source"], champ["version"]) == ("s3", v1)
+    key = f"eagle3/{champ['model']}/v{v1}/model.safetensors"
+    data = bytearray(storage.get_bytes(s3_env, key))
+    data[len(data) // 2] ^= 0x55
+    storage.put_bytes(s3_env, key, bytes(data))
+    with pytest.raises(storage.IntegrityError, match="model.safetensors"):
+        fetch_champion(recipe, champ, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
 def test_prompts_from_a_list_or_s3_jsonl(tiny_recipe, s3_env):
     from flows.infer import load_prompts_task, output_key
 
