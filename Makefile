@@ -54,7 +54,7 @@ test: install vllm
 	EAGLE3_VLLM_VENV=$(abspath $(VLLM_VENV)) $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 demo: install
-	$(BIN)/python -m eagle3.demo
+	$(BIN)/python -m flows.demo
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

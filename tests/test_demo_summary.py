@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from eagle3.config import PromoteConfig, load_recipe
-from eagle3.demo import _summary, floor_note, number_rows
+from flows.demo import _summary, floor_note, number_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOL = ROOT / "configs" / "smollm2-135m.yaml"
