@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,8 +168,3 @@ def read_shard(path: str | Path) -> list[FeatureSample]:
         )
         for sid, a, b in zip(ids, off[:-1], off[1:], strict=True)
     ]
-
-
-def iter_samples(shards: Iterable[str | Path]) -> Iterator[FeatureSample]:
-    for shard in shards:
-        yield from read_shard(shard)

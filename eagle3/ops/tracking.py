@@ -16,7 +16,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-CONTEXT_TAGS = ("eagle3.target", "eagle3.recipe", "git.commit", "prefect.flow_run_id")
 # MLflow limits: 500 chars per param value in older servers (6000 now); we cut at 500 for safety.
 _PARAM_MAX = 500
 
