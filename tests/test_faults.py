@@ -33,6 +33,8 @@ from test_flows import (  # noqa: E402
 from eagle3.ops import champion as ch  # noqa: E402
 from eagle3.ops import storage  # noqa: E402
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
