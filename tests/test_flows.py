@@ -22,6 +22,8 @@ os.environ.setdefault("EAGLE3_RETRY_DELAY", "0.05")  # before flows.common is im
 
 from eagle3.ops import storage  # noqa: E402
 
+pytestmark = pytest.mark.integration
+
 
 # --- helpers ------------------------------------------------------------------------------------------
 def make_report(tau: float, speedup: float, lossless: bool = True) -> dict:
@@ -142,9 +144,10 @@ def recipe(tiny_recipe, tmp_path, s3_env, mlflow_sqlite, prefect_harness):
 
 def register_candidate(recipe, draft_dir: Path, report: dict) -> str:
     """What the evaluate flow does after the benchmark: log, tag, register (alias candidate)."""
+    from eagle3.ops.evaluation import version_tags
     from eagle3.ops.tracking import eval_set_signature
     from flows.common import mlflow_run
-    from flows.evaluate import log_eval_task, register_task, version_tags
+    from flows.evaluate import log_eval_task, register_task
 
     with mlflow_run(recipe, "evaluate") as (_t, run_id):
         metrics = log_eval_task.fn(recipe, report, run_id, run_id, str(draft_dir))
@@ -364,7 +367,8 @@ def test_serve_fetches_the_champion_verified(recipe, tiny_drafts, s3_env, tmp_pa
 
 
 def test_prompts_from_a_list_or_s3_jsonl(tiny_recipe, s3_env):
-    from flows.infer import load_prompts_task, output_key
+    from eagle3.ops.inference import output_key
+    from flows.infer import load_prompts_task
 
     assert load_prompts_task.fn(tiny_recipe, ["a", {"prompt": "b"}]) == ["a", "b"]
     uri = f"s3://{s3_env.bucket}/in/p.jsonl"
