@@ -315,8 +315,8 @@ def use_stack(recipe, need=("s3", "mlflow", "prefect")) -> None:
 def cmd_pipeline(args) -> int:
     """Bad input and a stack server that is down stop here (exit 2, before any work); then the
     orchestration layer's own entry, `python -m flows`, runs the pipeline in a child process with
-    the stack's variables already in its environment (Prefect reads its settings once, at
-    import). The library never imports `flows`."""
+    the stack's variables already in its environment (Prefect reads its settings once, when it
+    is first loaded). eagle3/ never loads the flows package itself."""
     use_stack(recipe_from_args(args))
     argv = [sys.executable, "-m", "flows", "--config", str(args.config)]
     argv += ["--profile", args.profile] if args.profile else []
