@@ -18,7 +18,7 @@ SPECULATORS_VERSION := 0.9.0
 # The stamp names the pins: changing them reinstalls, nothing else does (the install is ~10 min).
 VLLM_STAMP := $(VLLM_VENV)/.installed-vllm-$(VLLM_VERSION)-speculators-$(SPECULATORS_VERSION)
 
-.PHONY: install vllm test demo lint format clean-stack
+.PHONY: install vllm test test-unit demo lint format clean-stack
 
 install: $(STAMP)
 
@@ -53,8 +53,12 @@ $(STAMP): pyproject.toml
 test: install vllm
 	EAGLE3_VLLM_VENV=$(abspath $(VLLM_VENV)) $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
+# The quick loop: library checks without servers or training runs (pytest -m unit).
+test-unit: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m unit tests
+
 demo: install
-	$(BIN)/python -m eagle3.demo
+	$(BIN)/python -m flows.demo
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

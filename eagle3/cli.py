@@ -2,7 +2,8 @@
 
 Exit status: 0 success, 2 bad input (recipe, arguments, data, checkpoint, prompt) or an unusable
 environment found before any work (a stack server down), 1 failure during work. Every command but
-`pipeline` calls the library directly, without Prefect.
+`pipeline` calls the library directly, without Prefect; `pipeline` checks its input and the stack,
+then runs `python -m flows` (the orchestration layer's entry) in a child process.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ class BadInput(Exception):
     """Raised for input the user can fix; the CLI exits 2 with the message."""
 
 
-def _recipe(args):
+def recipe_from_args(args):
     from eagle3.config import ConfigError, load_recipe
 
     try:
@@ -30,7 +31,7 @@ def _recipe(args):
 
 # --- handlers ---------------------------------------------------------------------------------------
 def cmd_data(args) -> int:
-    recipe = _recipe(args)
+    recipe = recipe_from_args(args)
     from eagle3.data.chat import TemplateError
     from eagle3.data.pipeline import DataLockedError, DiskBudgetError
     from eagle3.data.sources import SourceError
@@ -61,7 +62,7 @@ def cmd_data(args) -> int:
 
 
 def cmd_train(args) -> int:
-    recipe = _recipe(args)
+    recipe = recipe_from_args(args)
     from eagle3.train.trainer import DataMissing, run_training
 
     try:
@@ -83,7 +84,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    recipe = _recipe(args)
+    recipe = recipe_from_args(args)
     draft = _draft(args.draft)
     if args.engine:
         recipe.eval.engine = args.engine
@@ -127,7 +128,7 @@ def journal_path(out: str | Path) -> Path:
 
 
 def cmd_generate(args) -> int:
-    recipe = _recipe(args)
+    recipe = recipe_from_args(args)
     draft = _draft(args.draft)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise BadInput(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
@@ -169,7 +170,7 @@ def cmd_serve(args) -> int:
         return EXIT_OK
     if not args.config:
         raise BadInput("--config is required (unless --stop)")
-    recipe = _recipe(args)
+    recipe = recipe_from_args(args)
     draft = None
     if args.draft == "champion":
         draft = _fetch_champion(recipe)
@@ -229,16 +230,16 @@ def _fetch_champion(recipe) -> str:
     """The registry's champion, downloaded and verified under .eagle3/vllm/ (S3 or MLflow)."""
     from eagle3.ops.vllm_server import record_path
 
-    _use_stack()
-    from flows.infer import fetch_task, resolve_champion_task
+    use_stack(recipe, need=("s3", "mlflow"))
+    from eagle3.ops.champion_fetch import fetch_champion, resolve_champion
 
     try:
-        champ = resolve_champion_task.fn(recipe)
+        champ = resolve_champion(recipe)
     except LookupError as e:
         raise BadInput(str(e)) from None
     dest = record_path().parent / f"champion-{champ['model']}-v{champ['version']}"
     if not (dest / "config.json").is_file():
-        fetch_task.fn(recipe, champ, str(dest))
+        fetch_champion(recipe, champ, dest)
     print(f"champion {champ['model']} v{champ['version']} ({champ['source']}): {dest}")
     return str(dest)
 
@@ -281,7 +282,7 @@ def cmd_stack(args) -> int:
     return stack_command(args.action, Path(args.state_dir) if args.state_dir else None, ports)
 
 
-def _use_stack(recipe, need=("s3", "mlflow", "prefect")) -> None:
+def use_stack(recipe, need=("s3", "mlflow", "prefect")) -> None:
     """Variables of a running `eagle3 stack` fill what the environment does not set (before
     Prefect or MLflow are imported, so that they connect to it). A server the command needs that
     is down is named, and the command stops: it never falls back to another registry."""
@@ -312,18 +313,44 @@ def _use_stack(recipe, need=("s3", "mlflow", "prefect")) -> None:
 
 
 def cmd_pipeline(args) -> int:
-    recipe = _recipe(args)
-    _use_stack(recipe)
-    from flows.pipeline import pipeline_from_cli
+    """Bad input and a stack server that is down stop here (exit 2, before any work); then the
+    orchestration layer's own entry, `python -m flows`, runs the pipeline in a child process with
+    the stack's variables already in its environment (Prefect reads its settings once, when it
+    is first loaded). eagle3/ never loads the flows package itself."""
+    use_stack(recipe_from_args(args))
+    argv = [sys.executable, "-m", "flows", "--config", str(args.config)]
+    argv += ["--profile", args.profile] if args.profile else []
+    return run_child(argv + list(args.overrides))
 
-    return pipeline_from_cli(recipe, args)
+
+def run_child(argv: list[str]) -> int:
+    """Run `argv` to its end and return its exit status. Ctrl-C reaches the child too (same
+    process group): we wait for it to stop cleanly; SIGTERM is passed on."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(argv)
+    try:
+        old = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    except ValueError:  # not the main thread: no handler, the child is still waited for
+        old = None
+    try:
+        while True:
+            try:
+                rc = proc.wait()
+                return rc if rc >= 0 else 128 - rc  # killed by signal N: 128 + N, as a shell says
+            except KeyboardInterrupt:
+                continue
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 def cmd_promote(args) -> int:
-    recipe = _recipe(args)
+    recipe = recipe_from_args(args)
     if sum(bool(x) for x in (args.version, args.rollback, args.reconcile)) > 1:
         raise BadInput("give one of --version, --rollback, --reconcile")
-    _use_stack(recipe, need=("s3", "mlflow"))
+    use_stack(recipe, need=("s3", "mlflow"))
     from eagle3.ops import promotion, storage
 
     try:
@@ -384,7 +411,7 @@ def _draft(arg: str) -> Path:
 
 
 # --- parser -------------------------------------------------------------------------------------------
-def _add_recipe(p: argparse.ArgumentParser) -> None:
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
     p.add_argument("--profile", help="a named profile of the recipe (e.g. demo, full)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
@@ -399,15 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "data", help="conversations -> regenerated answers -> features + draft vocab"
     )
-    _add_recipe(p)
+    add_recipe_args(p)
     p.set_defaults(fn=cmd_data)
 
     p = sub.add_parser("train", help="training-time-test training (resumes from the run dir)")
-    _add_recipe(p)
+    add_recipe_args(p)
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("bench", help="speed and acceptance benchmark -> JSON report")
-    _add_recipe(p)
+    add_recipe_args(p)
     p.add_argument("--draft", required=True, help="a checkpoint directory or a shipped head's name")
     p.add_argument("--out", required=True)
     p.add_argument("--datasets", help="comma-separated catalog names (default: the recipe's)")
@@ -436,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("generate", help="one speculative generation")
-    _add_recipe(p)
+    add_recipe_args(p)
     p.add_argument("--draft", required=True, help="a checkpoint directory or a shipped head's name")
     p.add_argument("--prompt", required=True)
     p.add_argument("--temperature", type=float, default=None)
@@ -488,13 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_stack)
 
     p = sub.add_parser("pipeline", help="Prefect pipeline: data -> train -> evaluate -> promote")
-    _add_recipe(p)
+    add_recipe_args(p)
     p.set_defaults(fn=cmd_pipeline)
 
     p = sub.add_parser(
         "promote", help="gate and promote a registered version, roll back, or reconcile"
     )
-    _add_recipe(p)
+    add_recipe_args(p)
     p.add_argument("--version", help="registry version (default: the candidate)")
     p.add_argument(
         "--rollback", action="store_true", help="point champion back to the previous one"
@@ -514,22 +541,27 @@ def main(argv: list[str] | None = None) -> int:
 
     disable_telemetry()
     args = build_parser().parse_args(argv)
+    return run_command(f"eagle3 {args.command}", args.fn, args)
+
+
+def run_command(name: str, fn, args) -> int:
+    """fn(args) with the exit statuses of the module docstring; errors are said in one line."""
     try:
-        return args.fn(args)
+        return fn(args)
     except BadInput as e:
-        print(f"eagle3 {args.command}: {e}", file=sys.stderr)
+        print(f"{name}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(f"eagle3 {args.command}: interrupted; run it again to resume", file=sys.stderr)
+        print(f"{name}: interrupted; run it again to resume", file=sys.stderr)
         return 130
     except Exception as e:  # a failure during work: say what, exit 1
         if _is_bad_input(e):
-            print(f"eagle3 {args.command}: {e}", file=sys.stderr)
+            print(f"{name}: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
         import traceback
 
         traceback.print_exc()
-        print(f"eagle3 {args.command}: failed: {e}", file=sys.stderr)
+        print(f"{name}: failed: {e}", file=sys.stderr)
         return EXIT_FAIL
 
 

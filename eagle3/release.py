@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from eagle3.heads import CARD_FILE, heads_dir, sha256_file, write_sums
+from eagle3.heads import CARD_FILE, heads_dir, write_sums
+from eagle3.io import atomic_dir, sha256_file
 
 
 class ReleaseError(ValueError):
@@ -60,10 +60,7 @@ def release_head(
     facts["name"], facts["note"] = name, note
     facts["reproduce"] = reproduce or default_reproduce(facts, draft_dir)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.release-", dir=out.parent))
-    try:
-        head = tmp / "head"
+    with atomic_dir(out) as head:
         extra = {"release": {"name": name}}
         save_draft(load_draft(draft_dir), head, dtype=dtype, extra=extra)
         size = (head / WEIGHTS_FILE).stat().st_size
@@ -82,16 +79,6 @@ def release_head(
         problems = check_checkpoint(head)
         if problems:
             raise ReleaseError("the release fails `eagle3 check`: " + "; ".join(problems))
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.replace(old)
-        head.replace(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -49,14 +49,6 @@ def resolve_recipe(recipe: Any, overrides: list[str] | None = None, profile: str
     return load_recipe(path, overrides, profile)
 
 
-def use_stack_env() -> dict[str, str]:
-    """Take PREFECT_API_URL, MLFLOW_TRACKING_URI, AWS_* from a running `eagle3 stack` when the
-    environment does not set them (an explicit environment always wins)."""
-    from eagle3.ops.stack import load_stack_env
-
-    return load_stack_env()
-
-
 def recipe_tags(recipe) -> list[str]:
     from eagle3.ops.tracking import target_slug
 

@@ -39,21 +39,12 @@ def data_task(recipe, key: str, data_dir: str | None = None) -> dict:
     return json.loads(json.dumps(manifest, default=str))
 
 
-def manifest_numbers(manifest: dict, stage: str = "data") -> dict[str, float]:
-    """The manifest's counts, one level deep: data/samples.conversations, data/tokens.total, ..."""
-    out = {}
-    for k, v in manifest.items():
-        items = v.items() if isinstance(v, dict) else [(None, v)]
-        for k2, v2 in items:
-            if isinstance(v2, (int, float)) and not isinstance(v2, bool):
-                out[f"{stage}/{k}" + (f".{k2}" if k2 else "")] = float(v2)
-    return out
-
-
 @task(name="log-data", retries=3, retry_delay_seconds=RETRY_DELAYS)
 def log_data_task(
     recipe, manifest: dict, parent_run_id: str | None, mixed: dict | None = None
 ) -> str:
+    from eagle3.ops.tracking import manifest_numbers
+
     path = recipe.run_path / "data" / "manifest.json"
     with mlflow_run(recipe, "data", parent_run_id) as (t, run_id):
         t.log_metrics(run_id, manifest_numbers(manifest))

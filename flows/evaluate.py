@@ -9,7 +9,6 @@ table of the per-dataset numbers.
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -72,158 +71,19 @@ def log_eval_task(recipe, report: dict, run_id: str, art_run: str, draft_dir: st
 
 @task(name="register-version", retries=3, retry_delay_seconds=RETRY_DELAYS)
 def register_task(recipe, art_run: str, metrics: dict, tags: dict) -> str:
+    from eagle3.ops.evaluation import registry_tags
     from eagle3.ops.tracking import registered_model_name
 
-    t = tracker(recipe)
-    keep = (
-        "tau",
-        "speedup_vs_hf_generate",
-        "speedup_vs_ar",
-        "speedup_vs_hf_prompt_lookup",
-        "speedup_vs_vllm",
-        "lossless",
-        "vllm/acceptance_length",
-        "vllm/speedup_bs1",
+    return tracker(recipe).register(
+        registered_model_name(recipe), art_run, "draft", registry_tags(metrics, tags)
     )
-    all_tags = {k: round(metrics[k], 6) for k in keep if k in metrics} | tags
-    return t.register(registered_model_name(recipe), art_run, "draft", all_tags)
-
-
-def version_tags(draft: Path, report: dict, eval_set: str, data_digest, problems) -> dict:
-    """Registry version tags: what the gate and the promotion check later (sha256 per file)."""
-    from eagle3.ops.storage import sha256_file
-
-    tags = {
-        "eval_set": eval_set,
-        "data_digest": data_digest or "",
-        "check": "ok" if not problems else "; ".join(problems)[:4000],
-        "target": report.get("target"),
-    }
-    manifest = Path(draft).parent / "data" / "manifest.json"
-    if manifest.is_file():  # the target's revision (file sha256 or seed) from the data stage
-        target = json.loads(manifest.read_text()).get("target") or {}
-        tags["target_revision"] = str(target.get("revision"))
-    for f in sorted(Path(draft).iterdir()):
-        if f.is_file():
-            tags[f"sha256.{f.name}"] = sha256_file(f)
-    return tags
 
 
 @task(name="champion-on-eval-set", tags=["gpu"], retries=1, retry_delay_seconds=RETRY_DELAYS[:1])
 def champion_task(recipe, eval_set: str, exclude_version: str | None) -> dict | None:
-    """The numbers of the champion (champion.json when S3 is configured, else the MLflow alias)
-    on this eval set: from its tags, or benchmarked again. The promotion gates again, under its
-    compare-and-swap, against the champion it actually replaces."""
-    from eagle3.ops.champion import place_for
-    from eagle3.ops.gate import gate_metrics
-    from eagle3.ops.promotion import current_champion, fetch_version
-    from eagle3.ops.tracking import report_metrics
+    from eagle3.ops.evaluation import champion_on_eval_set
 
-    place = place_for(recipe, tracker(recipe))
-    version, _ = current_champion(place)
-    if version is None or version == str(exclude_version):
-        return None
-    baseline = recipe.promote.speedup_baseline
-    tags = dict(place.tracker.version(place.model, version).tags)
-    if tags.get("eval_set") == eval_set:
-        out = gate_metrics(tags, baseline, eval_set)
-        out["version"] = version
-        out["source"] = "registry tags"
-        return out
-    # Measured elsewhere: benchmark the champion now, under the same settings as the candidate.
-    with tempfile.TemporaryDirectory(prefix="eagle3-champion-") as tmp:
-        d = fetch_version(place, version, Path(tmp) / "draft")
-        from eagle3.eval.bench import run_bench
-
-        report = run_bench(recipe, str(d), progress=show_progress())
-    out = gate_metrics(report_metrics(report), baseline, eval_set)
-    out["version"] = version
-    out["source"] = "re-benchmarked on this eval set"
-    return out
-
-
-def markdown_report(
-    recipe, report: dict, metrics: dict, decision: dict | None, version, model
-) -> str:
-    o = report.get("overall", {})
-    lines = [
-        f"# EAGLE-3 evaluation: {model} v{version}",
-        "",
-        f"target `{report.get('target')}` on {report.get('device')}, {report.get('dtype')}, "
-        f"decoding {json.dumps(report.get('decoding', {}))}",
-        "",
-        f"**tau {o.get('tau', 0):.3f}**, lossless **{o.get('lossless')}**; speedups "
-        + ", ".join(f"{k} {v:.2f}x" for k, v in (o.get("speedup") or {}).items()),
-        "",
-        "| dataset | prompts | tau | "
-        + " | ".join(f"alpha_{i}" for i in range(_depth(report)))
-        + " | speedup vs ar | vs hf_generate | lossless |",
-        "|---" * (6 + _depth(report)) + "|",
-    ]
-    for ds, r in report.get("datasets", {}).items():
-        al = list(r.get("alpha") or []) + [float("nan")] * (
-            _depth(report) - len(r.get("alpha") or [])
-        )
-        sp = r.get("speedup") or {}
-        lines.append(
-            f"| {ds} | {r.get('prompts')} | {r.get('tau', 0):.3f} | "
-            + " | ".join(f"{a:.3f}" for a in al)
-            + f" | {sp.get('vs_ar', float('nan')):.2f} | {sp.get('vs_hf_generate', float('nan')):.2f}"
-            f" | {r.get('lossless')} |"
-        )
-    v = report.get("vllm")
-    if v:
-        lines += [
-            "",
-            f"## Through {v['version']} ({v['speculative_tokens']} speculative tokens)",
-            "",
-            f"acceptance length {v['acceptance_length']:.3f}, per position "
-            + ", ".join(f"{a:.3f}" for a in v["per_position_acceptance"])
-            + f"; greedy outputs with the head equal those without it: {v['lossless']}",
-            "",
-            "| in flight | with head tok/s | without tok/s | speedup |",
-            "|---|---|---|---|",
-        ]
-        for lv in v["concurrency"].values():
-            t = lv["tokens_per_s"]
-            lines.append(
-                f"| {lv['in_flight']} | {t['eagle3']:.1f} | {t['vllm']:.1f} | {lv['speedup']:.2f} |"
-            )
-    if decision is not None:
-        lines += ["", f"## Gate: {'PROMOTE' if decision['promote'] else 'REJECT'}", ""]
-        lines += [f"- {x}" for x in decision["reasons"]]
-        champ = decision.get("champion")
-        if champ:
-            lines += [
-                "",
-                f"champion v{champ.get('version')} ({champ.get('source')}): tau "
-                f"{champ.get('tau')}, speedup {champ.get('speedup')}",
-            ]
-    return "\n".join(lines) + "\n"
-
-
-def _depth(report: dict) -> int:
-    return max((len(r.get("alpha") or []) for r in report.get("datasets", {}).values()), default=0)
-
-
-def table_rows(report: dict) -> list[dict]:
-    rows = []
-    for ds, r in report.get("datasets", {}).items():
-        row = {
-            "dataset": ds,
-            "prompts": r.get("prompts"),
-            "new_tokens": r.get("new_tokens"),
-            "tau": round(float(r.get("tau", 0)), 4),
-            "lossless": r.get("lossless"),
-        }
-        for k, v in (r.get("speedup") or {}).items():
-            row[f"speedup_{k}"] = round(float(v), 3)
-        for k, v in (r.get("tokens_per_s") or {}).items():
-            row[f"tok_s_{k}"] = round(float(v), 2)
-        for i, a in enumerate(r.get("alpha") or []):
-            row[f"alpha_{i}"] = round(float(a), 4)
-        rows.append(row)
-    return rows
+    return champion_on_eval_set(recipe, tracker(recipe), eval_set, exclude_version, show_progress())
 
 
 @task(name="publish-evaluation")
@@ -248,6 +108,8 @@ def evaluate_flow(
     data_digest: str | None = None,
     register_version: bool = True,
 ) -> dict:
+    from eagle3.eval.render import markdown_report, table_rows
+    from eagle3.ops.evaluation import version_tags
     from eagle3.ops.gate import decide, gate_metrics
     from eagle3.ops.tracking import eval_set_signature, registered_model_name
 

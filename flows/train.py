@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+from eagle3.ops.tracking import contract_names
 from flows.common import (
     RETRY_DELAYS,
     mlflow_run,
@@ -29,16 +30,6 @@ def train_key(recipe, data_digest: str | None) -> str:
     sub = {k: d.get(k) for k in ("name", "run_dir", "seed", "target", "train")}
     sub["data_digest"] = data_digest
     return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()
-
-
-def contract_names(metrics: dict[str, float]) -> dict[str, float]:
-    """The trainer's keys plus the docs/CONTRACTS.md §6 `eval/acc_<i>` names for its
-    val/acc_<i>."""
-    out = dict(metrics)
-    for k, v in metrics.items():
-        if k.startswith("val/acc_"):
-            out["eval/acc_" + k.removeprefix("val/acc_")] = v
-    return out
 
 
 @task(

@@ -13,6 +13,8 @@ from eagle3.config import load_recipe
 from eagle3.eval.bench import print_report, run_bench
 from eagle3.models.checkpoint import load_draft, save_draft
 
+pytestmark = pytest.mark.slow
+
 QUICK = ["eval.max_new_tokens=12", "eval.warmup=1", "eval.threads=1"]
 DECODERS = {"eagle3", "ar", "hf_generate", "hf_prompt_lookup"}
 SPEEDUPS = {"vs_ar", "vs_hf_generate", "vs_hf_prompt_lookup"}

@@ -23,6 +23,8 @@ from eagle3.models.checkpoint import (
 from eagle3.models.draft import DraftConfig, Eagle3Draft
 from eagle3.models.export import export_checkpoint
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def tiny_draft(tiny_target):

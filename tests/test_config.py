@@ -12,6 +12,8 @@ import yaml
 
 from eagle3.config import ConfigError, flatten, load_recipe
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 

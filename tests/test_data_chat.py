@@ -14,6 +14,8 @@ import torch
 
 from eagle3.data.chat import TemplateError, build_sample, encode_chat, render
 
+pytestmark = pytest.mark.unit
+
 # The Llama-3-Instruct template.
 LLAMA3 = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"

@@ -11,6 +11,8 @@ from eagle3.data import decode
 from eagle3.data.decode import decode_continuous
 from eagle3.data.regenerate import answer_prompts
 
+pytestmark = pytest.mark.slow
+
 
 def hf_greedy(model, ids: list[int], n: int, eos: list[int]) -> tuple[list[int], bool]:
     """The reference: HF generate on one unpadded prompt, cut after the first EOS."""

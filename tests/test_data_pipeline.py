@@ -26,6 +26,8 @@ from eagle3.data.pipeline import (
 )
 from eagle3.fetch import sha256_file
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

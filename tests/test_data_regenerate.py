@@ -19,6 +19,8 @@ from eagle3.data.regenerate import (
 )
 from eagle3.data.sources import Conversation
 
+pytestmark = pytest.mark.slow
+
 
 class FakeOpenAI:
     """/v1/models and /v1/chat/completions backed by the tiny target; records what it served."""

@@ -17,6 +17,8 @@ from eagle3.data.sources import (
     load_eval_prompts,
 )
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     "name,count,turns", [("mt_bench", 80, 2), ("humaneval", 164, 1), ("gsm8k", 1319, 1)]

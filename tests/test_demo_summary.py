@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from eagle3.config import PromoteConfig, load_recipe
-from eagle3.demo import _summary, floor_note, number_rows
+from flows.demo import _summary, floor_note, number_rows
+
+pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOL = ROOT / "configs" / "smollm2-135m.yaml"

@@ -9,6 +9,8 @@ import torch
 
 from eagle3.models.draft import DraftConfig, Eagle3Draft, default_aux_layer_ids, rope_inv_freq
 
+pytestmark = pytest.mark.unit
+
 
 def small_config(**kw) -> DraftConfig:
     base = dict(

@@ -13,6 +13,8 @@ from eagle3.infer.fast_runner import FastRunner
 from eagle3.infer.runner import Runner
 from eagle3.models.fast_llama import FastLlama
 
+pytestmark = pytest.mark.slow
+
 TOL = dict(rtol=1e-4, atol=1e-4)
 # A tree of 8 nodes: parent of each node (-1: the root, which follows the cached prefix).
 PARENTS = [-1, 0, 0, 1, 1, 2, 4, 4]

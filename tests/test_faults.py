@@ -33,6 +33,8 @@ from test_flows import (  # noqa: E402
 from eagle3.ops import champion as ch  # noqa: E402
 from eagle3.ops import storage  # noqa: E402
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
@@ -339,7 +341,8 @@ def test_inference_cannot_write_outside_its_folder(recipe, drafts, s3_env):
     """An output_uri aimed at the champion pointer (or another bucket, or out of inference/ with
     ..), prompts from another bucket, overrides of storage/tracking/promote: all refused before
     any work; the pointer is untouched."""
-    from flows.infer import check_request, infer_flow, output_key
+    from eagle3.ops.inference import check_request, output_key
+    from flows.infer import infer_flow
     from flows.promote import promote_flow
 
     v1 = register_candidate(recipe, drafts[0], make_report(1.8, 1.3))

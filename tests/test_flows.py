@@ -22,6 +22,8 @@ os.environ.setdefault("EAGLE3_RETRY_DELAY", "0.05")  # before flows.common is im
 
 from eagle3.ops import storage  # noqa: E402
 
+pytestmark = pytest.mark.integration
+
 
 # --- helpers ------------------------------------------------------------------------------------------
 def make_report(tau: float, speedup: float, lossless: bool = True) -> dict:
@@ -142,9 +144,10 @@ def recipe(tiny_recipe, tmp_path, s3_env, mlflow_sqlite, prefect_harness):
 
 def register_candidate(recipe, draft_dir: Path, report: dict) -> str:
     """What the evaluate flow does after the benchmark: log, tag, register (alias candidate)."""
+    from eagle3.ops.evaluation import version_tags
     from eagle3.ops.tracking import eval_set_signature
     from flows.common import mlflow_run
-    from flows.evaluate import log_eval_task, register_task, version_tags
+    from flows.evaluate import log_eval_task, register_task
 
     with mlflow_run(recipe, "evaluate") as (_t, run_id):
         metrics = log_eval_task.fn(recipe, report, run_id, run_id, str(draft_dir))
@@ -337,8 +340,35 @@ def test_inference_detects_a_corrupted_champion_before_loading(recipe, tiny_draf
     assert "generate" not in runs  # the engine never ran
 
 
+def test_serve_fetches_the_champion_verified(recipe, tiny_drafts, s3_env, tmp_path, monkeypatch):
+    """`eagle3 serve --draft champion` fetches what champion.json names, every file verified,
+    through eagle3.ops alone (no Prefect); a corrupted copy in S3 is refused."""
+    from eagle3.cli import _fetch_champion
+    from eagle3.ops.champion_fetch import fetch_champion, resolve_champion
+    from flows.promote import promote_flow
+
+    v1 = register_candidate(recipe, tiny_drafts[0], make_report(1.8, 1.3))
+    assert promote_flow(recipe, version=v1)["promoted"]
+    monkeypatch.setenv("EAGLE3_VLLM_DIR", str(tmp_path / "vllm"))
+    got = Path(_fetch_champion(recipe))
+    assert got.parent == tmp_path / "vllm" and got.name.endswith(f"-v{v1}")
+    for f in ("config.json", "model.safetensors"):
+        assert (got / f).read_bytes() == (tiny_drafts[0] / f).read_bytes()
+
+    champ = resolve_champion(recipe)
+    assert (champ["source"], champ["version"]) == ("s3", v1)
+    key = f"eagle3/{champ['model']}/v{v1}/model.safetensors"
+    data = bytearray(storage.get_bytes(s3_env, key))
+    data[len(data) // 2] ^= 0x55
+    storage.put_bytes(s3_env, key, bytes(data))
+    with pytest.raises(storage.IntegrityError, match="model.safetensors"):
+        fetch_champion(recipe, champ, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
 def test_prompts_from_a_list_or_s3_jsonl(tiny_recipe, s3_env):
-    from flows.infer import load_prompts_task, output_key
+    from eagle3.ops.inference import output_key
+    from flows.infer import load_prompts_task
 
     assert load_prompts_task.fn(tiny_recipe, ["a", {"prompt": "b"}]) == ["a", "b"]
     uri = f"s3://{s3_env.bucket}/in/p.jsonl"

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 os.environ.setdefault("EAGLE3_RETRY_DELAY", "0.05")
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,6 +20,8 @@ from eagle3.data.stages import combined_digest, data_stages, mixed_dirs, trainin
 from eagle3.models.checkpoint import read_config
 from eagle3.train.trainer import conversation_id, run_training
 
+pytestmark = pytest.mark.integration
+
 MIX = "data.mix=[{name: tf, sources: [{name: chats}], regenerate: false}]"
 TRAIN = ["train.batch_tokens=256", "train.max_len=160", "train.ttt_steps=2", "train.save_every=2"]
 

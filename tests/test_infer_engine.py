@@ -14,6 +14,8 @@ from eagle3.models.checkpoint import load_draft, save_draft
 from eagle3.models.draft import DraftConfig, Eagle3Draft
 from eagle3.models.target import Target, build_tiny_target
 
+pytestmark = pytest.mark.slow
+
 MAX_NEW = 40
 
 

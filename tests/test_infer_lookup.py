@@ -14,6 +14,8 @@ from eagle3.infer.lookup import graft_chain, prompt_lookup
 from eagle3.infer.tree import Drafter
 from eagle3.models.draft import DraftConfig, Eagle3Draft
 
+pytestmark = pytest.mark.slow
+
 
 def _naive_lookup(ctx, max_ngram, k):
     """Every (n, start) with ctx[start:start+n] == ctx[-n:], start + n < len(ctx): longest n wins,

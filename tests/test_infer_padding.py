@@ -16,6 +16,8 @@ from eagle3.infer.runner import make_runner
 from eagle3.infer.tree import Drafter
 from eagle3.models.draft import DraftConfig, Eagle3Draft
 
+pytestmark = pytest.mark.slow
+
 
 def test_padded_sizes_takes_the_cheapest_larger_count_past_the_margin():
     assert padded_sizes([55.8, 92.9, 117.7, 81.2, 75.5, 84.4]) == [1, 5, 5, 5, 5, 6]

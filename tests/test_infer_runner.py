@@ -10,6 +10,8 @@ import torch
 
 from eagle3.infer.runner import HFRunner, Runner, make_runner
 
+pytestmark = pytest.mark.unit
+
 TOL = 1e-4
 
 

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from eagle3.infer.tree import Drafter
 from eagle3.models.draft import DraftConfig, Eagle3Draft
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

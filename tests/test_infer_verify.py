@@ -9,6 +9,8 @@ from scipy.stats import chisquare
 from eagle3.infer.tree import Tree
 from eagle3.infer.verify import accept_greedy, accept_sample, warp_probs
 
+pytestmark = pytest.mark.slow
+
 
 def _tree(parents: list[int], tokens: list[int]) -> Tree:
     n = len(parents)

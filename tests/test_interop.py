@@ -28,6 +28,8 @@ from eagle3.models.draft import DraftConfig, Eagle3Draft
 from eagle3.models.export import export_checkpoint
 from eagle3.ops.vllm_env import VllmEnvMissing, require_vllm_python
 
+pytestmark = pytest.mark.integration
+
 HERE = Path(__file__).resolve().parent
 # A rope no reader gets right by accident (the tiny target's is the default 10000, unscaled).
 LLAMA3_ROPE = {

@@ -7,6 +7,8 @@ import pytest
 from eagle3.config import PromoteConfig
 from eagle3.ops.gate import decide, gate_metrics
 
+pytestmark = pytest.mark.slow
+
 CFG = PromoteConfig(min_tau=1.5, min_speedup=1.0, tolerance=0.05)
 
 

@@ -11,6 +11,8 @@ import pytest
 
 from eagle3.ops import stack as st
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -11,6 +11,8 @@ import pytest
 
 from eagle3.ops import storage
 
+pytestmark = pytest.mark.integration
+
 
 def make_draft(path, seed: int = 0):
     """A freshly initialised draft for a small Llama-shaped target, saved as a §3 checkpoint."""

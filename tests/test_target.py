@@ -12,6 +12,8 @@ from eagle3.models.checkpoint import check_checkpoint, save_draft
 from eagle3.models.draft import DraftConfig, Eagle3Draft
 from eagle3.models.target import Target, build_tiny_target, load_target
 
+pytestmark = pytest.mark.slow
+
 
 def _prompt_ids(target, text: str) -> torch.Tensor:
     enc = target.tokenizer.apply_chat_template(

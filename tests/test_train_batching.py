@@ -21,6 +21,8 @@ from eagle3.train.dataset import SampleList
 from eagle3.train.inputs import target_hidden
 from eagle3.train.optim import warmup_cosine, warmup_steps
 
+pytestmark = pytest.mark.slow
+
 
 def test_pack_rows_fits_and_covers():
     g = torch.Generator().manual_seed(0)

@@ -14,6 +14,8 @@ from train_support import draft_state, greedy_samples, tiny_train_recipe, vocab_
 
 from eagle3.train.trainer import build_draft, train
 
+pytestmark = pytest.mark.slow
+
 HERE = Path(__file__).resolve().parent
 
 

@@ -19,6 +19,8 @@ from eagle3.cli import main as cli_main
 from eagle3.config import load_recipe
 from eagle3.models.checkpoint import check_checkpoint, load_draft, read_config
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 

@@ -12,6 +12,8 @@ from train_support import greedy_samples, tiny_train_recipe, vocab_for
 from eagle3.env import cpu_flags, cpu_has_bf16
 from eagle3.train.trainer import autocast_enabled, train
 
+pytestmark = pytest.mark.slow
+
 CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
 model name\t: AMD EPYC

@@ -18,6 +18,8 @@ from eagle3.config import ConfigError
 from eagle3.models.checkpoint import check_checkpoint, read_config
 from eagle3.train.trainer import train
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def corpus(tiny_target):

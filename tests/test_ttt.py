@@ -14,6 +14,8 @@ from eagle3.train.batching import collate
 from eagle3.train.inputs import step_inputs, target_hidden
 from eagle3.train.ttt import TTT, block_causal, summarize
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",

@@ -21,6 +21,8 @@ import torch
 from eagle3.ops import vllm_server as vs
 from eagle3.ops.vllm_env import vllm_python
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 K = 3  # speculative tokens (the profile's vllm.speculative_tokens and infer.depth)
 # The cross-check's tolerance: vLLM's mean acceptance length vs our chain tau on the same prompts.

@@ -11,9 +11,6 @@ Token shards (the same layout without `aux`/`last_hidden`) hold the TokenSamples
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,16 +34,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; shards are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from eagle3.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
 
 def _token_tensors(samples) -> dict[str, torch.Tensor]:
@@ -169,8 +160,3 @@ def read_shard(path: str | Path) -> list[FeatureSample]:
         )
         for sid, a, b in zip(ids, off[:-1], off[1:], strict=True)
     ]
-
-
-def iter_samples(shards: Iterable[str | Path]) -> Iterator[FeatureSample]:
-    for shard in shards:
-        yield from read_shard(shard)

@@ -112,7 +112,7 @@ def load_tokenizer(recipe):
 
 def target_identity(recipe) -> dict[str, Any]:
     """id + revision of the target without loading it (the tiny target: a hash of its config)."""
-    from eagle3.fetch import sha256_file
+    from eagle3.io import sha256_file
     from eagle3.models import target as tm
 
     cfg = recipe.target
@@ -616,7 +616,7 @@ def run_data(
 
 
 def _file_sha(path: Path) -> str:
-    from eagle3.fetch import sha256_file
+    from eagle3.io import sha256_file
 
     return sha256_file(path)
 

@@ -142,7 +142,7 @@ def resolve_source(
                 note=entry.get("note"),
             )
         if entry.get("sha256"):
-            from eagle3.fetch import sha256_file
+            from eagle3.io import sha256_file
 
             if (got := sha256_file(path)) != entry["sha256"]:
                 raise SourceError(

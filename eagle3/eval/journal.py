@@ -25,7 +25,7 @@ def _sha(obj: Any) -> str:
 
 
 def weights_sha256(draft_dir: str | Path) -> str:
-    from eagle3.fetch import sha256_file
+    from eagle3.io import sha256_file
     from eagle3.models.checkpoint import WEIGHTS_FILE
 
     return sha256_file(Path(draft_dir) / WEIGHTS_FILE)

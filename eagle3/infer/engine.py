@@ -324,14 +324,9 @@ def tuned_infer(infer_cfg, draft):
 
 
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    try:
-        from eagle3.data.chat import encode_chat
-    except ImportError:  # the chat module is optional here
-        encode_chat = None
-    if encode_chat is not None:
-        return list(encode_chat(tokenizer, messages, add_generation_prompt=True))
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    from eagle3.data.chat import encode_chat
+
+    return list(encode_chat(tokenizer, messages, add_generation_prompt=True))
 
 
 def generate_text(recipe, draft_dir, prompt: str, temperature=None, max_new_tokens=None) -> dict:

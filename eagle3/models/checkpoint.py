@@ -9,14 +9,12 @@ checked as well; layer variants we do not compute (variants.py) are refused by n
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from eagle3.io import atomic_dir, sha256_file
 from eagle3.models import speculators as spec
 from eagle3.models.draft import ARCHITECTURE, DraftConfig, Eagle3Draft, default_aux_layer_ids
 from eagle3.models.variants import unsupported_variants
@@ -144,18 +142,6 @@ def expected_tensors(
     }
 
 
-# --- atomic writes -------------------------------------------------------------------------------
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a fully written temp dir into place; the old one disappears only after the swap."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def draft_tensors(draft: Eagle3Draft, dtype: str) -> dict[str, torch.Tensor]:
     """The state dict on the CPU in `dtype` (d2t stays int64, t2d bool), contiguous."""
     f = DTYPES[dtype]
@@ -174,18 +160,12 @@ def write_checkpoint(
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if record_sha256:
-            sha = _sha256(tmp / WEIGHTS_FILE)
+            sha = sha256_file(tmp / WEIGHTS_FILE)
             cfg = {**cfg, "eagle3": {**cfg.get("eagle3", {}), WEIGHTS_SHA256: sha}}
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -201,16 +181,6 @@ def save_draft(
     """Write the portable checkpoint atomically; `extra` merges into the config's `eagle3` block."""
     cfg = with_dtype(draft.config, dtype, extra)
     return write_checkpoint(out_dir, draft_tensors(draft, cfg.torch_dtype), hf_config(cfg))
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -325,7 +295,7 @@ def check_checkpoint(ckpt_dir: str | Path) -> list[str]:
     if not (d / WEIGHTS_FILE).is_file():
         return problems + [f"{WEIGHTS_FILE}: missing"]
     want = (cfg.get("eagle3") or {}).get(WEIGHTS_SHA256)
-    got = _sha256(d / WEIGHTS_FILE) if want is not None else None
+    got = sha256_file(d / WEIGHTS_FILE) if want is not None else None
     if got != want:
         problems.append(
             f"{WEIGHTS_FILE}: sha256 {got[:16]}… does not match config.json's "

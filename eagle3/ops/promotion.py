@@ -65,17 +65,23 @@ def current_champion(place: Place) -> tuple[str | None, str]:
 
 
 # --- versions -----------------------------------------------------------------------------------------
-def verify_against_registry(place: Place, version: str, draft_dir: Path) -> None:
-    """The local checkpoint must be the bytes the registry version recorded (sha256.* tags)."""
-    tags = dict(place.tracker.version(place.model, version).tags)
+def check_recorded_sha256(place: Place, version: str, tags: dict, draft_dir: Path) -> None:
+    """Every file the version's `sha256.<name>` tags name is in `draft_dir` with those bytes."""
     for k, v in tags.items():
         if k.startswith("sha256."):
             f = Path(draft_dir) / k.removeprefix("sha256.")
             if not f.is_file() or storage.sha256_file(f) != v:
                 raise storage.IntegrityError(
-                    f"{f}: differs from what registry version {place.model} v{version} "
-                    "recorded; refusing to promote it"
+                    f"{f}: missing or differs from what registry version {place.model} "
+                    f"v{version} recorded (sha256); refusing to use it"
                 )
+
+
+def verify_against_registry(place: Place, version: str, draft_dir: Path) -> None:
+    """The local checkpoint must be the bytes the registry version recorded (sha256.* tags)."""
+    check_recorded_sha256(
+        place, version, dict(place.tracker.version(place.model, version).tags), draft_dir
+    )
 
 
 def fetch_version(place: Place, version: str, dest: Path) -> Path:
@@ -91,13 +97,7 @@ def fetch_version(place: Place, version: str, dest: Path) -> Path:
             )
         return storage.download_version(place.s3, place.model, version, dest)
     out = place.tracker.download_version(place.model, version, Path(dest).parent / "mlflow")
-    for k, v in dict(mv.tags).items():
-        if k.startswith("sha256."):
-            f = out / k.removeprefix("sha256.")
-            if not f.is_file() or storage.sha256_file(f) != v:
-                raise storage.IntegrityError(
-                    f"registry version {place.model} v{version}: {f.name} sha256 mismatch"
-                )
+    check_recorded_sha256(place, version, dict(mv.tags), out)
     return out
 
 

@@ -162,12 +162,9 @@ def _bin(name: str) -> str | None:
 
 def write_private(path: Path, text: str) -> None:
     """Write atomically with mode 0600 (the file may hold S3 keys)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from eagle3.io import write_atomic
+
+    write_atomic(path, text, mode=0o600)
 
 
 # --- the stack's description ---------------------------------------------------------------------

@@ -18,11 +18,11 @@ import hashlib
 import io
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from eagle3.io import atomic_dir, sha256_file
 
 MANIFEST = "manifest.json"
 POINTER = "champion.json"
@@ -206,14 +206,6 @@ def _call(s: S3Settings, what: str, fn, *args, **kwargs):
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- basic object operations -----------------------------------------------------------------------
@@ -450,9 +442,7 @@ def download_version(
         )
     manifest = json.loads(body)
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         for rel, info in manifest["files"].items():
             if rel.startswith("/") or ".." in Path(rel).parts:
                 raise IntegrityError(f"s3://{s.bucket}/{base}/{MANIFEST}: unsafe path {rel!r}")
@@ -467,12 +457,6 @@ def download_version(
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(data)
         (tmp / MANIFEST).write_bytes(body)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

@@ -16,7 +16,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-CONTEXT_TAGS = ("eagle3.target", "eagle3.recipe", "git.commit", "prefect.flow_run_id")
 # MLflow limits: 500 chars per param value in older servers (6000 now); we cut at 500 for safety.
 _PARAM_MAX = 500
 
@@ -380,3 +379,24 @@ def eval_set_signature(recipe: Any, report: dict[str, Any]) -> str:
     if report.get("engine", "eagle3") != "eagle3":  # tau of a vLLM chain is not a tree's tau
         sig["engine"] = report["engine"]
     return hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- the data manifest and the trainer's numbers as metrics -------------------------------------------
+def manifest_numbers(manifest: dict, stage: str = "data") -> dict[str, float]:
+    """The manifest's counts, one level deep: data/samples.conversations, data/tokens.total, ..."""
+    out = {}
+    for k, v in manifest.items():
+        items = v.items() if isinstance(v, dict) else [(None, v)]
+        for k2, v2 in items:
+            if isinstance(v2, (int, float)) and not isinstance(v2, bool):
+                out[f"{stage}/{k}" + (f".{k2}" if k2 else "")] = float(v2)
+    return out
+
+
+def contract_names(metrics: dict[str, float]) -> dict[str, float]:
+    """The trainer's keys plus the CONTRACTS §6 `eval/acc_<i>` names for its val/acc_<i>."""
+    out = dict(metrics)
+    for k, v in metrics.items():
+        if k.startswith("val/acc_"):
+            out["eval/acc_" + k.removeprefix("val/acc_")] = v
+    return out

@@ -12,8 +12,6 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from eagle3.data.features import FeatureSample
 
 
@@ -121,9 +119,3 @@ def as_dataset(data) -> SampleList | ShardDataset | Concat:
     if isinstance(data, (SampleList, ShardDataset, Concat)):
         return data
     return SampleList(data)
-
-
-def token_samples_equal(a, b) -> bool:
-    return torch.equal(a.input_ids, b.input_ids) and torch.equal(
-        a.loss_mask.bool(), b.loss_mask.bool()
-    )

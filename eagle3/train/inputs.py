@@ -113,27 +113,20 @@ class FeatureSource:
         return self.cache_dir / f"batch-{batch_id:07d}.safetensors"
 
     def _store(self, batch_id: int, aux: torch.Tensor, last: torch.Tensor) -> None:
-        import os
-        import tempfile
 
         from safetensors.torch import save_file
+
+        from eagle3.io import atomic_path
 
         path = self._path(batch_id)
         if path.is_file():
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            tensors = {
-                "aux": aux.to(self.cache_dtype).cpu(),
-                "last_hidden": last.to(self.cache_dtype).cpu(),
-            }
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        tensors = {
+            "aux": aux.to(self.cache_dtype).cpu(),
+            "last_hidden": last.to(self.cache_dtype).cpu(),
+        }
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
     def _cached(self, batch_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         from safetensors.torch import load_file

@@ -4,9 +4,7 @@ validation result and the metric history. Written atomically (temp file + rename
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +28,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_state(state_dir: Path, state: dict[str, Any]) -> Path:
-    state_dir.mkdir(parents=True, exist_ok=True)
+    from eagle3.io import atomic_path
+
     path = state_dir / STATE_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", dir=state_dir)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

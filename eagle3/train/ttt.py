@@ -42,8 +42,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# Per-step statistics, summed over counted positions (so that ranks and micro-batches add up).
-STAT_NAMES = ("count", "loss", "correct", "accept")
 LOSS_STYLES = ("eagle3", "specforge")
 
 

@@ -1,4 +1,4 @@
-"""`make demo` / `python -m eagle3.demo`: the whole system in one command.
+"""`make demo` / `python -m flows.demo`: the whole system in one command.
 
 stack up (reusing a running one) -> the pipeline on configs/smollm2-135m.yaml, profile demo
 (data -> train -> evaluate -> gated promotion) -> the shipped head (heads/smollm2-135m-instruct,
@@ -26,7 +26,7 @@ DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m eagle3.demo", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/smollm2-135m.yaml")
     ap.add_argument("--profile", default="demo")
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)

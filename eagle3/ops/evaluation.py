@@ -1,0 +1,85 @@
+"""What an evaluated head leaves in the registry, and the champion's numbers to gate it against.
+
+`version_tags` records what the gate and the promotion check later (the eval set, the data
+digest, the contract check, a sha256 per file); `registry_tags` adds the headline numbers.
+`champion_on_eval_set` gives the champion's numbers on the candidate's eval set: from its tags
+when it was measured there, else benchmarked again under the same settings. The promotion gates
+again, under its compare-and-swap, against the champion it actually replaces.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# The metrics a registry version carries as tags (the gate reads them back).
+REGISTRY_METRICS = (
+    "tau",
+    "speedup_vs_hf_generate",
+    "speedup_vs_ar",
+    "speedup_vs_hf_prompt_lookup",
+    "speedup_vs_vllm",
+    "lossless",
+    "vllm/acceptance_length",
+    "vllm/speedup_bs1",
+)
+
+
+def version_tags(draft: Path, report: dict, eval_set: str, data_digest, problems) -> dict:
+    """Registry version tags: what the gate and the promotion check later (sha256 per file)."""
+    from eagle3.io import sha256_file
+
+    tags = {
+        "eval_set": eval_set,
+        "data_digest": data_digest or "",
+        "check": "ok" if not problems else "; ".join(problems)[:4000],
+        "target": report.get("target"),
+    }
+    manifest = Path(draft).parent / "data" / "manifest.json"
+    if manifest.is_file():  # the target's revision (file sha256 or seed) from the data stage
+        target = json.loads(manifest.read_text()).get("target") or {}
+        tags["target_revision"] = str(target.get("revision"))
+    for f in sorted(Path(draft).iterdir()):
+        if f.is_file():
+            tags[f"sha256.{f.name}"] = sha256_file(f)
+    return tags
+
+
+def registry_tags(metrics: dict[str, float], tags: dict[str, Any]) -> dict[str, Any]:
+    """`tags` plus the REGISTRY_METRICS the evaluation measured (rounded)."""
+    return {k: round(metrics[k], 6) for k in REGISTRY_METRICS if k in metrics} | tags
+
+
+def champion_on_eval_set(
+    recipe, tracker, eval_set: str, exclude_version: str | None, progress: bool = False
+) -> dict | None:
+    """The numbers of the champion (champion.json when S3 is configured, else the MLflow alias)
+    on this eval set, or None when there is no champion other than `exclude_version`."""
+    from eagle3.ops.champion import place_for
+    from eagle3.ops.gate import gate_metrics
+    from eagle3.ops.promotion import current_champion, fetch_version
+    from eagle3.ops.tracking import report_metrics
+
+    place = place_for(recipe, tracker)
+    version, _ = current_champion(place)
+    if version is None or version == str(exclude_version):
+        return None
+    baseline = recipe.promote.speedup_baseline
+    tags = dict(place.tracker.version(place.model, version).tags)
+    if tags.get("eval_set") == eval_set:
+        out = gate_metrics(tags, baseline, eval_set)
+        out["version"] = version
+        out["source"] = "registry tags"
+        return out
+    # Measured elsewhere: benchmark the champion now, under the same settings as the candidate.
+    with tempfile.TemporaryDirectory(prefix="eagle3-champion-") as tmp:
+        d = fetch_version(place, version, Path(tmp) / "draft")
+        from eagle3.eval.bench import run_bench
+
+        report = run_bench(recipe, str(d), progress=progress)
+    out = gate_metrics(report_metrics(report), baseline, eval_set)
+    out["version"] = version
+    out["source"] = "re-benchmarked on this eval set"
+    return out
