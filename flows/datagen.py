@@ -54,17 +54,19 @@ def manifest_numbers(manifest: dict, stage: str = "data") -> dict[str, float]:
 def log_data_task(
     recipe, manifest: dict, parent_run_id: str | None, mixed: dict | None = None
 ) -> str:
+    from eagle3.data.manifest import DataManifest
+
     path = recipe.run_path / "data" / "manifest.json"
     with mlflow_run(recipe, "data", parent_run_id) as (t, run_id):
         t.log_metrics(run_id, manifest_numbers(manifest))
         for stage, m in (mixed or {}).items():  # data.mix stages: data-<name>/...
             t.log_metrics(run_id, manifest_numbers(m, stage))
             t.log_json(parent_run_id or run_id, m, f"{stage}/manifest.json")
-        target = manifest.get("target") or {}
+        m = DataManifest.model_validate(manifest)
         tags = {
-            "eagle3.data_digest": manifest.get("digest"),
-            "eagle3.target_id": target.get("id"),
-            "eagle3.target_revision": target.get("revision"),
+            "eagle3.data_digest": m.digest,
+            "eagle3.target_id": m.target.id,
+            "eagle3.target_revision": m.target.revision,
         }
         for rid in {run_id, parent_run_id} - {None}:
             t.set_tags(rid, tags)
