@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 
@@ -88,6 +89,15 @@ def test_outputs(base, tiny_target):
     recipe, m, events = base
     data_dir = recipe.run_path / "data"
     assert m == read_manifest(data_dir).to_dict()
+    # The typed contract: the file validates against the checked-in schema and the model writes
+    # it back byte for byte (sorted keys, as write_manifest writes it).
+    text = (data_dir / "manifest.json").read_text()
+    schema = json.loads((ROOT / "docs/schemas/data-manifest.schema.json").read_text())
+    jsonschema.validate(json.loads(text), schema)
+    again = json.dumps(
+        read_manifest(data_dir).to_dict(), indent=2, sort_keys=True, ensure_ascii=False
+    )
+    assert again + "\n" == text
     assert [e["stage"] for e in events] == ["regenerate"] * 3 + ["features"] * 3 + ["done"]
     # Contract §5 facts.
     assert m["target"]["id"] == "tiny-llama(seed=0)" and m["target"]["revision"]
