@@ -138,7 +138,7 @@ def test_the_gate_decision_is_the_dict_it_always_was():
     }
     champ = {**cand, "tau": 1.9, "version": "7", "source": "registry tags"}
     d = decide(cand, champ, cfg, [])
-    # Exactly what dataclasses.asdict(Decision(...)) gave: four keys, the numbers as passed in.
+    # Exactly what dataclasses.asdict() of the old Decision dataclass gave: four keys, the numbers as passed in.
     assert json.dumps(d.to_dict()) == json.dumps(
         {"promote": True, "reasons": d.reasons, "candidate": cand, "champion": champ}
     )

@@ -1,4 +1,4 @@
-"""The speed and acceptance benchmark behind `eagle3 bench` (report: CONTRACTS.md §4).
+"""The speed and acceptance benchmark behind `eagle3 bench` (report: eagle3/eval/report.py).
 
 Every prompt is decoded by all decoders back to back (eagle3, ar, HF generate, HF prompt lookup)
 in one process, so machine noise hits them alike and the ratios hold. mt_bench is two-turn: the

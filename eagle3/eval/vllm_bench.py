@@ -7,7 +7,7 @@ goes to both servers back to back, so machine noise hits them alike; mt_bench's 
 continues with the plain server's greedy answer. Then every prompt again at each
 `vllm.concurrency` (requests in flight), plain and with the head.
 
-The report has the schema of CONTRACTS.md §4 (decoders `eagle3` = vLLM with the head and
+The report is a BenchReport (eagle3/eval/report.py; decoders `eagle3` = vLLM with the head and
 `vllm` = vLLM without it, so speedup.vs_vllm is the batch-1 speedup and the gate can use it), tau
 and alpha from vLLM's /metrics counters, plus a `vllm` block: acceptance length, per-position
 acceptance, tokens/s and speedup at each concurrency, start-up seconds, and whether greedy outputs

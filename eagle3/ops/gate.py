@@ -52,9 +52,6 @@ class GateDecision(Contract):
         return f"{self.verdict}: " + "; ".join(self.reasons)
 
 
-Decision = GateDecision  # the name the gate's callers have used
-
-
 def as_decision(decision: dict[str, Any] | GateDecision) -> GateDecision:
     """The typed decision of a decision dict (as flows pass it on)."""
     if isinstance(decision, GateDecision):
