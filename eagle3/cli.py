@@ -41,23 +41,22 @@ def cmd_data(args) -> int:
         manifests = run_stages(recipe, progress=True)
     except (DiskBudgetError, SourceError, DataLockedError, TemplateError) as e:
         raise BadInput(str(e)) from None
+    from eagle3.data.manifest import DataManifest
+
     for stage in data_stages(recipe):
-        manifest = manifests[stage.name]
-        s = manifest["samples"]
+        m = DataManifest.model_validate(manifests[stage.name])
+        s = m.samples
         print(
-            f"{stage.name}: {s['written']} samples ({s['train']} train, {s['val']} val), "
-            f"{s['skipped']} skipped {s['skipped_by_reason']}; {manifest['tokens']['total']:,} "
-            f"tokens, {manifest['tokens']['trainable']:,} trainable"
+            f"{stage.name}: {s.written} samples ({s.train} train, {s.val} val), "
+            f"{s.skipped} skipped {s.skipped_by_reason}; {m.tokens.total:,} "
+            f"tokens, {m.tokens.trainable:,} trainable"
             + (
-                f"; draft vocab {manifest['vocab']['size']} covers {manifest['vocab']['coverage']:.1%}"
+                f"; draft vocab {m.vocab.size} covers {m.vocab.coverage:.1%}"
                 if stage.name == "data"
                 else " (mixed into training)"
             )
         )
-        print(
-            f"{stage.name} manifest: {stage.data_dir / 'manifest.json'} "
-            f"(digest {manifest['digest'][:12]})"
-        )
+        print(f"{stage.name} manifest: {stage.data_dir / 'manifest.json'} (digest {m.digest[:12]})")
     return EXIT_OK
 
 
@@ -90,6 +89,7 @@ def cmd_bench(args) -> int:
         recipe.eval.engine = args.engine
     from eagle3.data.sources import SourceError
     from eagle3.eval.bench import print_report, run_bench
+    from eagle3.eval.report import as_report
 
     datasets = [d for d in args.datasets.split(",") if d] if args.datasets else None
     if args.limit is not None and args.limit < 1:
@@ -113,9 +113,10 @@ def cmd_bench(args) -> int:
     write_json_atomic(args.out, report)
     print_report(report)
     print(f"report: {args.out}")
-    if report.get("resumed_prompts"):
+    resumed = as_report(report).resumed_prompts
+    if resumed:
         print(
-            f"{report['resumed_prompts']} prompt(s) were taken from {journal} (measured by an "
+            f"{resumed} prompt(s) were taken from {journal} (measured by an "
             "earlier run with the same head and settings); --fresh measures everything again"
         )
     return EXIT_OK

@@ -43,6 +43,7 @@ def data_task(recipe, key: str, data_dir: str | None = None) -> dict:
 def log_data_task(
     recipe, manifest: dict, parent_run_id: str | None, mixed: dict | None = None
 ) -> str:
+    from eagle3.data.manifest import DataManifest
     from eagle3.ops.tracking import manifest_numbers
 
     path = recipe.run_path / "data" / "manifest.json"
@@ -51,11 +52,11 @@ def log_data_task(
         for stage, m in (mixed or {}).items():  # data.mix stages: data-<name>/...
             t.log_metrics(run_id, manifest_numbers(m, stage))
             t.log_json(parent_run_id or run_id, m, f"{stage}/manifest.json")
-        target = manifest.get("target") or {}
+        m = DataManifest.model_validate(manifest)
         tags = {
-            "eagle3.data_digest": manifest.get("digest"),
-            "eagle3.target_id": target.get("id"),
-            "eagle3.target_revision": target.get("revision"),
+            "eagle3.data_digest": m.digest,
+            "eagle3.target_id": m.target.id,
+            "eagle3.target_revision": m.target.revision,
         }
         for rid in {run_id, parent_run_id} - {None}:
             t.set_tags(rid, tags)

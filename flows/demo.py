@@ -135,8 +135,10 @@ def _summary(console, st, recipe, out: dict, inference, shipped, own_floor) -> N
 
     from rich.table import Table
 
+    from eagle3.ops.gate import as_decision
+
     m = out["metrics"]
-    d = out["decision"]
+    d = as_decision(out["decision"])
     t = Table(title=f"eagle3 demo: {out['model']} v{out['version']}", show_lines=False)
     t.add_column("what", style="bold")
     t.add_column("demo head: trained just now", overflow="fold")
@@ -163,9 +165,9 @@ def _summary(console, st, recipe, out: dict, inference, shipped, own_floor) -> N
     theirs = number_rows(shipped["metrics"]) if shipped else [("", "")] * len(ours)
     for (label, a), (_, b) in zip(ours, theirs, strict=True):
         t.add_row(label, a, *([b] if shipped else []))
-    verdict = "[green]PROMOTE" if d.get("promote") else "[red]REJECT"
+    verdict = "[green]PROMOTE" if d.promote else "[red]REJECT"
     t.add_row("gate", verdict, *(["not gated: shipped with the repository"] if shipped else []))
-    for r in d.get("reasons", []):
+    for r in d.reasons:
         t.add_row("", f"- {r}", *pad)
     note = floor_note(m, recipe.promote, own_floor)
     if note:

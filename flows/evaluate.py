@@ -133,22 +133,20 @@ def evaluate_flow(
             tags = version_tags(draft, report, eval_set, data_digest, problems)
             version = register_task(r, art_run, metrics, tags)
         champion = champion_task(r, eval_set, version)
-        decision = decide(cand, champion, r.promote, problems).to_dict()
+        gate = decide(cand, champion, r.promote, problems)
+        decision = gate.to_dict()
         t.set_tags(
             art_run,
             {
-                "eagle3.gate": ("PROMOTE" if decision["promote"] else "REJECT"),
-                "eagle3.gate_reasons": "; ".join(decision["reasons"])[:4000],
+                "eagle3.gate": gate.verdict,
+                "eagle3.gate_reasons": "; ".join(gate.reasons)[:4000],
             },
         )
         if version:
             t.set_version_tags(
                 model,
                 version,
-                {
-                    "gate": "PROMOTE" if decision["promote"] else "REJECT",
-                    "gate_reasons": "; ".join(decision["reasons"])[:4000],
-                },
+                {"gate": gate.verdict, "gate_reasons": "; ".join(gate.reasons)[:4000]},
             )
         md = markdown_report(r, report, metrics, decision, version, model)
         t.log_text(art_run, md, "eval/report.md")

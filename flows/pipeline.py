@@ -86,8 +86,10 @@ def pipeline_flow(
 
 
 def print_summary(out: dict) -> None:
+    from eagle3.ops.gate import as_decision
+
     m = out["metrics"]
-    d = out["decision"]
+    d = as_decision(out["decision"])
     print()
     print(f"pipeline {out['recipe']}: {out['model']} v{out['version']}")
     print(
@@ -95,7 +97,7 @@ def print_summary(out: dict) -> None:
         + "  ".join(f"{k} {v:.2f}x" for k, v in m.items() if k.startswith("speedup_"))
         + f"  lossless {bool(m.get('lossless'))}"
     )
-    print(f"  gate: {'PROMOTE' if d['promote'] else 'REJECT'}: " + "; ".join(d["reasons"]))
+    print(f"  gate: {d.summary}")
     print(f"  promoted: {out['promoted']}" + (f" -> {out['s3_uri']}" if out.get("s3_uri") else ""))
     if out.get("promotion_skipped"):
         print(f"  promotion skipped: {out['promotion_skipped']}")

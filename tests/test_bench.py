@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import pytest
 import torch
 from conftest import ROOT
@@ -11,6 +12,7 @@ from conftest import ROOT
 from eagle3.cli import main
 from eagle3.config import load_recipe
 from eagle3.eval.bench import print_report, run_bench
+from eagle3.eval.report import BenchReport
 from eagle3.models.checkpoint import load_draft, save_draft
 
 pytestmark = pytest.mark.slow
@@ -39,6 +41,25 @@ def test_report_follows_the_contract(head_dir, capsys):
         recipe, head_dir, datasets=["mt_bench"], limit=1, progress=False, on_prompt=seen.append
     )
     json.dumps(report)  # plain data
+    # The typed contract: the report validates against the checked-in schema, reads back byte for
+    # byte, and keeps the key order it has always been written in.
+    jsonschema.validate(
+        report, json.loads((ROOT / "docs/schemas/bench-report.schema.json").read_text())
+    )
+    assert json.dumps(BenchReport.model_validate(report).to_dict()) == json.dumps(report)
+    assert list(report) == [
+        "target",
+        "draft",
+        "draft_sha256",
+        "device",
+        "dtype",
+        "threads",
+        "decoding",
+        "datasets",
+        "overall",
+        "engine_time",
+        "resumed_prompts",
+    ]
     assert {
         "target",
         "draft",

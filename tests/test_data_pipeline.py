@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 
@@ -89,7 +90,16 @@ def base(tiny_recipe, tiny_target, source, tmp_path_factory):
 def test_outputs(base, tiny_target):
     recipe, m, events = base
     data_dir = recipe.run_path / "data"
-    assert m == read_manifest(data_dir)
+    assert m == read_manifest(data_dir).to_dict()
+    # The typed contract: the file validates against the checked-in schema and the model writes
+    # it back byte for byte (sorted keys, as write_manifest writes it).
+    text = (data_dir / "manifest.json").read_text()
+    schema = json.loads((ROOT / "docs/schemas/data-manifest.schema.json").read_text())
+    jsonschema.validate(json.loads(text), schema)
+    again = json.dumps(
+        read_manifest(data_dir).to_dict(), indent=2, sort_keys=True, ensure_ascii=False
+    )
+    assert again + "\n" == text
     assert [e["stage"] for e in events] == ["regenerate"] * 3 + ["features"] * 3 + ["done"]
     # Contract §5 facts.
     assert m["target"]["id"] == "tiny-llama(seed=0)" and m["target"]["revision"]
@@ -309,10 +319,10 @@ def test_training_mixes_in_a_teacher_forced_stage(base, tiny_recipe, tiny_target
     kept = [s for s in tf_train if conversation_id(s.sample_id) != first]
     assert [s.sample_id for s in extra] == [f"{tf_dir}:{s.sample_id}" for s in kept]
     assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(extra, kept, strict=True))
-    assert digests == [read_manifest(tf_dir)["digest"]]
+    assert digests == [read_manifest(tf_dir).digest]
 
     with pytest.raises(ConfigError, match="tf/data: its target differs"):
-        mixed_samples([tf_dir], {**m, "target": {"id": "another model"}}, set())
+        mixed_samples([tf_dir], {**m, "target": {**m["target"], "id": "another model"}}, set())
     with pytest.raises(DataMissing, match="nowhere/manifest.json"):
         mixed_samples([str(tmp_path / "nowhere")], m, set())
 

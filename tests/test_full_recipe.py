@@ -43,13 +43,13 @@ def test_data_makes_every_declared_stage(stages, tiny_target):
     assert names == ["data", "data-tf"]
     run = recipe.run_path
     main, tf = read_manifest(run / "data"), read_manifest(run / "data-tf")
-    assert main["regeneration"]["enabled"] and not tf["regeneration"]["enabled"]
-    assert tf["samples"]["val"] == 0  # validation is the main stage's held-out samples
-    assert tf["features"]["written"] and main["features"]["written"]
+    assert main.regeneration.enabled and not tf.regeneration.enabled
+    assert tf.samples.val == 0  # validation is the main stage's held-out samples
+    assert tf.features.written and main.features.written
     text = tiny_target.tokenizer.decode(load_token_samples(run / "data-tf")[0][0].input_ids)
     assert "An original answer that must be replaced." in text  # teacher-forced text
     assert mixed_dirs(recipe) == [run / "data-tf"]
-    assert training_digest(recipe) == combined_digest(main["digest"], [tf["digest"]])
+    assert training_digest(recipe) == combined_digest(main.digest, [tf.digest])
     # A rerun finds every shard done and rewrites none.
     shards = lambda: {p: p.stat().st_mtime_ns for p in run.glob("data*/[tf]*/*.safetensors")}  # noqa: E731
     before = shards()

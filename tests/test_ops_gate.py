@@ -86,6 +86,11 @@ def test_report_metrics_and_names(tiny_recipe):
     }
     report = {
         "target": "t",
+        "draft": "d",
+        "device": "cpu",
+        "dtype": "float32",
+        "threads": 1,
+        "decoding": {"mode": "tree", "total_tokens": 8, "depth": 2, "top_k": 2, "temperature": 0.0},
         "datasets": {"mt_bench": ds(2.0, 3), "gsm8k": {**ds(3.0, 1), "alpha": [0.9, 0.5]}},
         "overall": {"tau": 2.2, "speedup": {"vs_ar": 2.0, "vs_hf_generate": 1.5}, "lossless": True},
     }

@@ -144,6 +144,16 @@ def test_bench_through_vllm_reports_the_schema_metrics_and_feeds_the_gate(vrecip
 
     seen = []
     report = run_vllm_bench(vrecipe, vhead, progress=False, servers=servers, on_prompt=seen.append)
+    # The typed contract: valid against the checked-in schema, read back byte for byte.
+    import jsonschema
+
+    from eagle3.eval.report import BenchReport
+
+    jsonschema.validate(
+        report, json.loads((ROOT / "docs/schemas/bench-report.schema.json").read_text())
+    )
+    assert json.dumps(BenchReport.model_validate(report).to_dict()) == json.dumps(report)
+    assert list(report)[0] == "engine" and list(report)[-1] == "vllm"
     v = report["vllm"]
     ds = report["datasets"]["mt_bench"]
     assert report["engine"] == "vllm" and report["decoding"]["depth"] == K

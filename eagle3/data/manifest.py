@@ -1,4 +1,4 @@
-"""The data manifest (docs/CONTRACTS.md §5) and its digest.
+"""The data manifest (docs/CONTRACTS.md §5; docs/schemas/data-manifest.schema.json) and its digest.
 
 The digest is a sha256 over `digest_of`: what the training data IS, not how it was made or stored:
 - the token samples (id, input ids, loss mask), hashed in sample-id order, and the train/val split;
@@ -8,6 +8,10 @@ The digest is a sha256 over `digest_of`: what the training data IS, not how it w
 Shard layout, batch size, concurrency, run directory, timings and paths are left out, so the
 digest changes when and only when the data changes. Shard files keep their own sha256 in the
 manifest for integrity checks.
+
+The models allow extra keys: a manifest outlives the code that wrote it (a run directory, an
+MLflow dataset), and a newer writer's additions must not stop an older trainer from reading it.
+The file is written with sorted keys, so field order here is free.
 """
 
 from __future__ import annotations
@@ -17,10 +21,145 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field, ValidationError
+
 from eagle3 import io
+from eagle3.contract import Contract, first_error
 
 MANIFEST = "manifest.json"
 VERSION = 1
+
+
+class TargetIdentity(Contract):
+    id: str = Field(description="model id, path, or tiny-llama(seed=..)")
+    revision: str | None = Field(description="revision, file sha256 or seeded:<config hash>")
+
+
+class TargetInfo(TargetIdentity):
+    kind: str = Field(description="tiny, embedded, gguf, hf, ...")
+
+
+class SourceEntry(Contract):
+    """One data source and what was read from it (eagle3.data.sources.SourceInfo)."""
+
+    name: str
+    path: str
+    sha256: str | None = None
+    package: str | None = None
+    format: str = "auto"
+    note: str | None = None
+    read: int = Field(default=0, description="records read (good + bad)")
+    kept: int = 0
+    bad: int = 0
+    truncated: bool = Field(default=False, description="the file ended mid-record")
+
+
+class SkippedSample(Contract):
+    id: str
+    reason: str
+
+
+class SamplesInfo(Contract):
+    conversations: int
+    written: int
+    train: int
+    val: int
+    skipped: int
+    skipped_by_reason: dict[str, int]
+    skipped_samples: list[SkippedSample]
+
+
+class TokensInfo(Contract):
+    total: int
+    trainable: int = Field(description="tokens under the loss mask")
+
+
+class RegenerationInfo(Contract):
+    """The regeneration settings and its counts (eagle3.data.regenerate.RegenStats)."""
+
+    enabled: bool
+    backend: str
+    temperature: float
+    max_new_tokens: int
+    seed: int
+    turns: int = 0
+    new_tokens: int = 0
+    hit_max_new_tokens: int = 0
+    turns_cut: int = 0
+    errors: int = 0
+
+
+class VocabInfo(Contract):
+    file: str
+    size: int
+    coverage: float = Field(description="share of trainable tokens the draft vocabulary covers")
+    seen: int
+    padded: int
+
+
+class FeaturesInfo(Contract):
+    written: bool
+    dtype: str | None = None
+    bytes_per_token: int | None = None
+    estimated_bytes: int | None = None
+    max_disk_gb: float | None = None
+
+
+class Shard(Contract):
+    kind: str = Field(description="tokens, features/train or features/val")
+    path: str = Field(description="relative to the data folder")
+    rows: int
+    sha256: str
+
+
+class Split(Contract):
+    val_fraction: float
+    val_ids: list[str]
+
+
+class Timing(Contract):
+    seconds: float
+    regen_seconds: float
+    finished_at: str
+
+
+class FeatureIdentity(Contract):
+    target: TargetIdentity
+    aux_layer_ids: list[int]
+    dtype: str
+
+
+class DigestOf(Contract):
+    """What the data IS; `digest` is the sha256 of its canonical JSON."""
+
+    samples_sha256: str
+    val_ids: list[str]
+    vocab_d2t_sha256: str
+    features: FeatureIdentity | None = Field(description="null when no feature shards")
+
+
+class DataManifest(Contract):
+    """`<data dir>/manifest.json`, written last by the data stage."""
+
+    version: int
+    recipe: str
+    target: TargetInfo
+    aux_layer_ids: list[int]
+    chat_template_sha256: str | None
+    sources: list[SourceEntry]
+    samples: SamplesInfo
+    tokens: TokensInfo
+    regeneration: RegenerationInfo
+    vocab: VocabInfo
+    features: FeaturesInfo
+    shards: list[Shard]
+    split: Split
+    timing: Timing
+    digest_of: DigestOf
+    digest: str | None = Field(default=None, description="sha256 over digest_of; set on write")
+
+    def shard_paths(self, data_dir: str | Path, kind: str) -> list[Path]:
+        return [Path(data_dir) / s.path for s in self.shards if s.kind == kind]
 
 
 def samples_sha256(samples) -> str:
@@ -46,9 +185,9 @@ def compute_digest(digest_of: dict[str, Any]) -> str:
     return hashlib.sha256(canonical(digest_of)).hexdigest()
 
 
-def finish(manifest: dict[str, Any]) -> dict[str, Any]:
+def finish(manifest: DataManifest) -> DataManifest:
     """Set `digest` from `digest_of`."""
-    manifest["digest"] = compute_digest(manifest["digest_of"])
+    manifest.digest = compute_digest(manifest.digest_of.to_dict())
     return manifest
 
 
@@ -56,20 +195,25 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     io.write_json_atomic(path, obj, sort_keys=True)
 
 
-def write_manifest(data_dir: str | Path, manifest: dict[str, Any]) -> Path:
+def write_manifest(data_dir: str | Path, manifest: DataManifest) -> Path:
     path = Path(data_dir) / MANIFEST
-    write_json_atomic(path, finish(manifest))
+    write_json_atomic(path, finish(manifest).to_dict())
     return path
 
 
-def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+def read_manifest(data_dir: str | Path) -> DataManifest:
+    """The manifest of a finished data stage; refuses one whose digest does not match its content
+    or that is not a manifest (naming the file and the first bad key)."""
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run `eagle3 data` first")
     try:
-        manifest = json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON: {e}") from e
-    if manifest.get("digest") != compute_digest(manifest.get("digest_of", {})):
+    if not isinstance(raw, dict) or raw.get("digest") != compute_digest(raw.get("digest_of", {})):
         raise ValueError(f"{path}: digest does not match its content (edited by hand?)")
-    return manifest
+    try:
+        return DataManifest.model_validate(raw)
+    except ValidationError as e:
+        raise ValueError(f"{path}: not a data manifest: {first_error(e)}") from e

@@ -554,27 +554,27 @@ def run_data(
             if k in ("regen", "tokens")
         }
         shard_rows = [
-            {
-                "kind": "tokens",
-                "path": str(p.relative_to(data_dir)),
-                "rows": len(rows),
-                "sha256": _file_sha(p),
-            }
+            mf.Shard(
+                kind="tokens",
+                path=str(p.relative_to(data_dir)),
+                rows=len(rows),
+                sha256=_file_sha(p),
+            )
             for p, rows in zip(token_paths, per_shard, strict=True)
         ]
-        features_info: dict[str, Any] = {"written": False}
+        features_info = mf.FeaturesInfo(written=False)
         if d.features:
             target = holder.model()
             total = sum(len(s) for s in samples)
-            features_info = {
-                "written": True,
-                "dtype": d.feature_dtype,
+            features_info = mf.FeaturesInfo(
+                written=True,
+                dtype=d.feature_dtype,
                 **check_disk(total, recipe, target.hidden_size, data_dir),
-            }
+            )
             if progress:
                 print(
-                    f"features: about {features_info['estimated_bytes'] / 1e9:.3f} GB "
-                    f"({total:,} tokens x {features_info['bytes_per_token']:,} bytes/token)"
+                    f"features: about {features_info.estimated_bytes / 1e9:.3f} GB "
+                    f"({total:,} tokens x {features_info.bytes_per_token:,} bytes/token)"
                 )
             from tqdm import tqdm
 
@@ -585,34 +585,66 @@ def run_data(
                 ):
                     keep.add(fpath)
                     shard_rows.append(
-                        {
-                            "kind": f"features/{part}",
-                            "path": str(fpath.relative_to(data_dir)),
-                            "rows": n,
-                            "sha256": _file_sha(fpath),
-                        }
+                        mf.Shard(
+                            kind=f"features/{part}",
+                            path=str(fpath.relative_to(data_dir)),
+                            rows=n,
+                            sha256=_file_sha(fpath),
+                        )
                     )
                 emit({"stage": "features", "shard": i, "shards": len(shards)})
         _prune(data_dir, keep)
 
-        manifest = _manifest(
-            recipe,
-            loaded,
-            samples,
-            skipped,
-            val,
-            vocab,
-            stats,
-            shard_rows,
-            features_info,
-            identity,
-            template_sha,
-            aux_ids,
-            time.time() - t0,
+        feature_identity = (
+            mf.FeatureIdentity(target=identity, aux_layer_ids=aux_ids, dtype=d.feature_dtype)
+            if features_info.written
+            else None
+        )
+        manifest = mf.DataManifest(
+            version=mf.VERSION,
+            recipe=recipe.name,
+            target=mf.TargetInfo(**identity, kind=recipe.target.kind),
+            aux_layer_ids=aux_ids,
+            chat_template_sha256=template_sha,
+            sources=[mf.SourceEntry(**s.as_dict()) for s in loaded.sources],
+            samples=_samples_info(loaded, samples, skipped, val),
+            tokens=mf.TokensInfo(
+                total=int(sum(len(s) for s in samples)),
+                trainable=int(sum(int(s.loss_mask.sum()) for s in samples)),
+            ),
+            regeneration=mf.RegenerationInfo(
+                enabled=d.regenerate,
+                backend=d.backend,
+                temperature=d.temperature,
+                max_new_tokens=d.max_new_tokens,
+                seed=d.seed,
+                **{k: v for k, v in stats.as_dict().items() if k != "seconds"},
+            ),
+            vocab=mf.VocabInfo(
+                file="vocab.safetensors",
+                size=int(len(vocab.d2t)),
+                coverage=vocab.coverage,
+                seen=vocab.seen,
+                padded=vocab.padded,
+            ),
+            features=features_info,
+            shards=shard_rows,
+            split=mf.Split(val_fraction=d.val_fraction, val_ids=sorted(val)),
+            timing=mf.Timing(
+                seconds=round(time.time() - t0, 3),
+                regen_seconds=round(stats.seconds, 3),
+                finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            ),
+            digest_of=mf.DigestOf(
+                samples_sha256=mf.samples_sha256(samples),
+                val_ids=sorted(val),
+                vocab_d2t_sha256=mf.tensor_sha256(vocab.d2t),
+                features=feature_identity,
+            ),
         )
         mf.write_manifest(data_dir, manifest)
-        emit({"stage": "done", "digest": manifest["digest"]})
-        return manifest
+        emit({"stage": "done", "digest": manifest.digest})
+        return manifest.to_dict()
 
 
 def _file_sha(path: Path) -> str:
@@ -621,86 +653,28 @@ def _file_sha(path: Path) -> str:
     return sha256_file(path)
 
 
-def _manifest(
-    recipe,
-    loaded,
-    samples,
-    skipped,
-    val,
-    vocab,
-    stats,
-    shard_rows,
-    features_info,
-    identity,
-    template_sha,
-    aux_ids,
-    seconds,
-) -> dict[str, Any]:
-    d = recipe.data
-    trainable = int(sum(int(s.loss_mask.sum()) for s in samples))
+def _samples_info(loaded, samples, skipped, val) -> mf.SamplesInfo:
     reasons = Counter(s.reason.split(":")[0] for s in skipped)
-    digest_of = {
-        "samples_sha256": mf.samples_sha256(samples),
-        "val_ids": sorted(val),
-        "vocab_d2t_sha256": mf.tensor_sha256(vocab.d2t),
-        "features": {"target": identity, "aux_layer_ids": aux_ids, "dtype": d.feature_dtype}
-        if features_info["written"]
-        else None,
-    }
-    return {
-        "version": mf.VERSION,
-        "recipe": recipe.name,
-        "target": {**identity, "kind": recipe.target.kind},
-        "aux_layer_ids": aux_ids,
-        "chat_template_sha256": template_sha,
-        "sources": [s.as_dict() for s in loaded.sources],
-        "samples": {
-            "conversations": len(loaded.conversations) + len(loaded.skipped),
-            "written": len(samples),
-            "train": len(samples) - len(val),
-            "val": len(val),
-            "skipped": len(skipped),
-            "skipped_by_reason": dict(sorted(reasons.items())),
-            "skipped_samples": [{"id": s.id, "reason": s.reason} for s in skipped],
-        },
-        "tokens": {"total": int(sum(len(s) for s in samples)), "trainable": trainable},
-        "regeneration": {
-            "enabled": d.regenerate,
-            "backend": d.backend,
-            "temperature": d.temperature,
-            "max_new_tokens": d.max_new_tokens,
-            "seed": d.seed,
-            **{k: v for k, v in stats.as_dict().items() if k != "seconds"},
-        },
-        "vocab": {
-            "file": "vocab.safetensors",
-            "size": int(len(vocab.d2t)),
-            "coverage": vocab.coverage,
-            "seen": vocab.seen,
-            "padded": vocab.padded,
-        },
-        "features": features_info,
-        "shards": shard_rows,
-        "split": {"val_fraction": d.val_fraction, "val_ids": sorted(val)},
-        "timing": {
-            "seconds": round(seconds, 3),
-            "regen_seconds": round(stats.seconds, 3),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
-        "digest_of": digest_of,
-    }
+    return mf.SamplesInfo(
+        conversations=len(loaded.conversations) + len(loaded.skipped),
+        written=len(samples),
+        train=len(samples) - len(val),
+        val=len(val),
+        skipped=len(skipped),
+        skipped_by_reason=dict(sorted(reasons.items())),
+        skipped_samples=[mf.SkippedSample(id=s.id, reason=s.reason) for s in skipped],
+    )
 
 
 # --- what training reads --------------------------------------------------------------------------------
 def _manifest_shards(data_dir: Path, kind: str) -> list[Path]:
-    m = mf.read_manifest(data_dir)
-    return [data_dir / s["path"] for s in m["shards"] if s["kind"] == kind]
+    return mf.read_manifest(data_dir).shard_paths(data_dir, kind)
 
 
 def load_token_samples(data_dir: str | Path) -> tuple[list[TokenSample], list[TokenSample]]:
     """(train, val) TokenSamples of a finished data stage, in shard order."""
     data_dir = Path(data_dir)
-    val = set(mf.read_manifest(data_dir)["split"]["val_ids"])
+    val = set(mf.read_manifest(data_dir).split.val_ids)
     samples = [s for p in _manifest_shards(data_dir, "tokens") for s in read_token_shard(p)]
     return [s for s in samples if s.sample_id not in val], [
         s for s in samples if s.sample_id in val

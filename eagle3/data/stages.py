@@ -64,10 +64,8 @@ def training_digest(recipe) -> str:
     """combined_digest of the stages on disk (their manifests must exist)."""
     from eagle3.data.manifest import read_manifest
 
-    main = str(read_manifest(recipe.run_path / MAIN).get("digest", ""))
-    return combined_digest(
-        main, [str(read_manifest(d).get("digest", "")) for d in mixed_dirs(recipe)]
-    )
+    main = read_manifest(recipe.run_path / MAIN).digest or ""
+    return combined_digest(main, [read_manifest(d).digest or "" for d in mixed_dirs(recipe)])
 
 
 def run_stages(recipe, progress: bool = True, target=None) -> dict[str, dict]:

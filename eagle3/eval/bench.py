@@ -1,4 +1,5 @@
-"""The speed and acceptance benchmark behind `eagle3 bench` (report: docs/CONTRACTS.md §4).
+"""The speed and acceptance benchmark behind `eagle3 bench` (report: docs/CONTRACTS.md §4,
+eagle3/eval/report.py).
 
 Every prompt is decoded by all decoders back to back (eagle3, ar, HF generate, HF prompt lookup)
 in one process, so machine noise hits them alike and the ratios hold. mt_bench is two-turn: the
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from eagle3.eval.report import BenchReport, DatasetSummary, Decoding, Summary, as_report
 
 DECODERS = ("eagle3", "ar", "hf_generate", "hf_prompt_lookup")
 
@@ -87,26 +90,35 @@ class _Tally:
             for n in self.tokens
         }
 
-    def summary(self, with_counts: bool = True) -> dict:
+    def tau(self) -> float:
+        return round(self.emitted / self.cycles, 3) if self.cycles else 0.0
+
+    def speedup(self) -> dict[str, float]:
         tps = self.tokens_per_s()
-        speed = {
+        return {
             f"vs_{n}": round(tps["eagle3"] / tps[n], 3) if tps.get(n) else 0.0
             for n in tps
             if n != "eagle3"
         }
-        out = {}
-        if with_counts:
-            out |= {"prompts": self.prompts, "new_tokens": self.new_tokens}
-        out["tau"] = round(self.emitted / self.cycles, 3) if self.cycles else 0.0
-        if with_counts:
-            out["alpha"] = [
-                round(b / a, 3) if a else 0.0
-                for a, b in zip(self.attempts, self.accepts, strict=True)
-            ]
-            out["tokens_per_s"] = tps
-        out["speedup"] = speed
-        out["lossless"] = self.lossless
-        return out
+
+    def overall(self) -> Summary:
+        return Summary(tau=self.tau(), speedup=self.speedup(), lossless=self.lossless)
+
+    def dataset(self) -> DatasetSummary:
+        """The per-data-set entry; `mismatches` only when there are any."""
+        alpha = [
+            round(b / a, 3) if a else 0.0 for a, b in zip(self.attempts, self.accepts, strict=True)
+        ]
+        return DatasetSummary(
+            prompts=self.prompts,
+            new_tokens=self.new_tokens,
+            tau=self.tau(),
+            alpha=alpha,
+            tokens_per_s=self.tokens_per_s(),
+            speedup=self.speedup(),
+            lossless=self.lossless,
+            **({"mismatches": list(self.mismatches)} if self.mismatches else {}),
+        )
 
 
 def _pad(xs: list[int], n: int) -> list[int]:
@@ -319,55 +331,45 @@ def _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt, journal_
             tally.merge(_Tally.from_dict(rec["tally"]))
             if tree_only:
                 tally_tree.merge(_Tally.from_dict(rec["tree_only"]))
-            so_far = tally.summary(with_counts=False)
-            alone = (
-                f", tree only tau {tally_tree.summary(with_counts=False)['tau']}"
-                if tree_only
-                else ""
-            )
+            alone = f", tree only tau {tally_tree.tau()}" if tree_only else ""
             say(
-                f"{name} {p.id} {eta.line()}: so far tau {so_far['tau']}{alone}, speedup "
-                f"{so_far['speedup']}, lossless {so_far['lossless']}"
+                f"{name} {p.id} {eta.line()}: so far tau {tally.tau()}{alone}, speedup "
+                f"{tally.speedup()}, lossless {tally.lossless}"
             )
-        report_sets[name] = tally.summary()
-        if tally.mismatches:
-            report_sets[name]["mismatches"] = tally.mismatches
+        report_sets[name] = tally.dataset()
         if tree_only:
-            report_sets[name]["tree_only"] = tally_tree.summary()
-            if tally_tree.mismatches:
-                report_sets[name]["tree_only"]["mismatches"] = tally_tree.mismatches
+            report_sets[name].tree_only = tally_tree.dataset()
         overall.merge(tally)
         overall_tree.merge(tally_tree)
 
     depth, top_k, total = engine.tree_shape()
-    report = {
-        "target": target.name,
-        "draft": str(draft_dir),
-        "draft_sha256": weights,  # of model.safetensors: which weights these numbers are of
-        "device": device,
-        "dtype": recipe.target.dtype,
-        "threads": torch.get_num_threads(),
-        "decoding": {
-            "mode": engine.cfg.mode,
-            "total_tokens": total,
-            "depth": depth,
-            "top_k": top_k,
-            "temperature": temperature,
+    report = BenchReport(
+        target=target.name,
+        draft=str(draft_dir),
+        draft_sha256=weights,  # of model.safetensors: which weights these numbers are of
+        device=device,
+        dtype=recipe.target.dtype,
+        threads=torch.get_num_threads(),
+        decoding=Decoding(
+            mode=engine.cfg.mode,
+            total_tokens=total,
+            depth=depth,
+            top_k=top_k,
+            temperature=temperature,
             # Beyond the contract's keys: the draft may run in another dtype than the target.
-            "draft_dtype": draft_dtype(recipe),
-            "lookup_tokens": engine.cfg.lookup_tokens,  # prompt-lookup branch per tree; 0: off
-        },
-        "datasets": report_sets,
-        "overall": overall.summary(with_counts=False),
+            draft_dtype=draft_dtype(recipe),
+            lookup_tokens=engine.cfg.lookup_tokens,  # prompt-lookup branch per tree; 0: off
+        ),
+        datasets=report_sets,
+        overall=overall.overall(),
         # Beyond the contract: the head alone, same prompts and settings, lookup branch off.
-        **({"tree_only": overall_tree.summary(with_counts=False)} if tree_only else {}),
+        **({"tree_only": overall_tree.overall()} if tree_only else {}),
         # Engine time split (seconds over all eagle3 generations): where a cycle's time goes.
-        "engine_time": {k: round(v, 4) for k, v in overall.split.items()},
-    }
-    if autotuned:
-        report["autotune"] = autotuned
-    report["resumed_prompts"] = eta.skipped
-    return report
+        engine_time={k: round(v, 4) for k, v in overall.split.items()},
+        **({"autotune": autotuned} if autotuned else {}),
+        resumed_prompts=eta.skipped,
+    )
+    return report.to_dict()
 
 
 def _printer(progress: bool) -> Callable[[str], None]:
@@ -379,26 +381,25 @@ def _printer(progress: bool) -> Callable[[str], None]:
     return lambda msg: console.log(msg)
 
 
-def print_report(report: dict) -> None:
+def print_report(report: dict | BenchReport) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    d = report["decoding"]
+    r = as_report(report)
+    d = r.decoding
     title = (
-        f"{report['target']} + {Path(report['draft']).name}\n{report['device']}, {report['dtype']}, "
-        f"{report['threads']} threads; {d['mode']} total={d['total_tokens']} depth={d['depth']} "
-        f"top_k={d['top_k']} lookup={d.get('lookup_tokens', 0)} T={d['temperature']} "
-        f"draft={d.get('draft_dtype', report['dtype'])}"
+        f"{r.target} + {Path(r.draft).name}\n{r.device}, {r.dtype}, "
+        f"{r.threads} threads; {d.mode} total={d.total_tokens} depth={d.depth} "
+        f"top_k={d.top_k} lookup={d.lookup_tokens or 0} T={d.temperature} "
+        f"draft={d.draft_dtype or r.dtype}"
     )
     baselines = [
-        n
-        for n in (*DECODERS[1:], "vllm")
-        if any(n in s["tokens_per_s"] for s in report["datasets"].values())
+        n for n in (*DECODERS[1:], "vllm") if any(n in s.tokens_per_s for s in r.datasets.values())
     ]
     table = Table(title=title)
     short = {"ar": "ar", "hf_generate": "hf gen", "hf_prompt_lookup": "hf pld", "vllm": "vllm"}
     table.add_column("dataset", overflow="fold")
-    engine = "vllm+head" if report.get("engine") == "vllm" else "eagle3"
+    engine = "vllm+head" if r.engine == "vllm" else "eagle3"
     for c in (
         "n",
         "tokens",
@@ -408,36 +409,33 @@ def print_report(report: dict) -> None:
         "lossless",
     ):
         table.add_column(c, justify="right")
-    rows = [(name, s) for name, s in report["datasets"].items()]
-    rows += [(f"{name}\ntree only", s["tree_only"]) for name, s in rows if s.get("tree_only")]
+    rows = list(r.datasets.items())
+    rows += [(f"{name}\ntree only", s.tree_only) for name, s in rows if s.tree_only]
     for name, s in rows:
-        tps = s["tokens_per_s"]
-        cells = [f"{tps.get(b, 0):.1f}\n({s['speedup'].get('vs_' + b, 0):.2f}x)" for b in baselines]
+        tps = s.tokens_per_s
+        cells = [f"{tps.get(b, 0):.1f}\n({s.speedup.get('vs_' + b, 0):.2f}x)" for b in baselines]
         table.add_row(
             name,
-            str(s["prompts"]),
-            str(s["new_tokens"]),
-            f"{s['tau']:.2f}",
+            str(s.prompts),
+            str(s.new_tokens),
+            f"{s.tau:.2f}",
             f"{tps.get('eagle3', 0):.1f}",
             *cells,
-            str(s["lossless"]),
+            str(s.lossless),
         )
-    for name, o in (
-        ("overall", report["overall"]),
-        ("overall\ntree only", report.get("tree_only")),
-    ):
+    for name, o in (("overall", r.overall), ("overall\ntree only", r.tree_only)):
         if o:
-            cells = [f"({o['speedup'].get('vs_' + b, 0):.2f}x)" for b in baselines]
-            table.add_row(name, "", "", f"{o['tau']:.2f}", "", *cells, str(o["lossless"]))
+            cells = [f"({o.speedup.get('vs_' + b, 0):.2f}x)" for b in baselines]
+            table.add_row(name, "", "", f"{o.tau:.2f}", "", *cells, str(o.lossless))
     console = Console()
     console.print(table)
-    for name, s in report["datasets"].items():
-        console.print(f"alpha per depth ({name}): " + " ".join(f"{a:.2f}" for a in s["alpha"]))
-    if report.get("vllm"):
+    for name, s in r.datasets.items():
+        console.print(f"alpha per depth ({name}): " + " ".join(f"{a:.2f}" for a in s.alpha))
+    if r.vllm:
         from eagle3.eval.vllm_bench import print_vllm
 
-        print_vllm(report)
-    split = report.get("engine_time")
+        print_vllm(r)
+    split = r.engine_time
     if split:
         cyc = sum(v for k, v in split.items() if k != "prefill") or 1.0
         console.print(

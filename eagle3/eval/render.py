@@ -10,82 +10,83 @@ import json
 def markdown_report(
     recipe, report: dict, metrics: dict, decision: dict | None, version, model
 ) -> str:
-    o = report.get("overall", {})
+    from eagle3.eval.report import as_report
+    from eagle3.ops.gate import as_decision
+
+    rep = as_report(report)
+    o, depth = rep.overall, rep.max_depth()
     lines = [
         f"# EAGLE-3 evaluation: {model} v{version}",
         "",
-        f"target `{report.get('target')}` on {report.get('device')}, {report.get('dtype')}, "
-        f"decoding {json.dumps(report.get('decoding', {}))}",
+        f"target `{rep.target}` on {rep.device}, {rep.dtype}, "
+        f"decoding {json.dumps(rep.decoding.to_dict())}",
         "",
-        f"**tau {o.get('tau', 0):.3f}**, lossless **{o.get('lossless')}**; speedups "
-        + ", ".join(f"{k} {v:.2f}x" for k, v in (o.get("speedup") or {}).items()),
+        f"**tau {o.tau:.3f}**, lossless **{o.lossless}**; speedups "
+        + ", ".join(f"{k} {v:.2f}x" for k, v in o.speedup.items()),
         "",
         "| dataset | prompts | tau | "
-        + " | ".join(f"alpha_{i}" for i in range(_depth(report)))
+        + " | ".join(f"alpha_{i}" for i in range(depth))
         + " | speedup vs ar | vs hf_generate | lossless |",
-        "|---" * (6 + _depth(report)) + "|",
+        "|---" * (6 + depth) + "|",
     ]
-    for ds, r in report.get("datasets", {}).items():
-        al = list(r.get("alpha") or []) + [float("nan")] * (
-            _depth(report) - len(r.get("alpha") or [])
-        )
-        sp = r.get("speedup") or {}
+    for ds, r in rep.datasets.items():
+        al = list(r.alpha) + [float("nan")] * (depth - len(r.alpha))
+        sp = r.speedup
         lines.append(
-            f"| {ds} | {r.get('prompts')} | {r.get('tau', 0):.3f} | "
+            f"| {ds} | {r.prompts} | {r.tau:.3f} | "
             + " | ".join(f"{a:.3f}" for a in al)
             + f" | {sp.get('vs_ar', float('nan')):.2f} | {sp.get('vs_hf_generate', float('nan')):.2f}"
-            f" | {r.get('lossless')} |"
+            f" | {r.lossless} |"
         )
-    v = report.get("vllm")
+    v = rep.vllm
     if v:
         lines += [
             "",
-            f"## Through {v['version']} ({v['speculative_tokens']} speculative tokens)",
+            f"## Through {v.version} ({v.speculative_tokens} speculative tokens)",
             "",
-            f"acceptance length {v['acceptance_length']:.3f}, per position "
-            + ", ".join(f"{a:.3f}" for a in v["per_position_acceptance"])
-            + f"; greedy outputs with the head equal those without it: {v['lossless']}",
+            f"acceptance length {v.acceptance_length:.3f}, per position "
+            + ", ".join(f"{a:.3f}" for a in v.per_position_acceptance)
+            + f"; greedy outputs with the head equal those without it: {v.lossless}",
             "",
             "| in flight | with head tok/s | without tok/s | speedup |",
             "|---|---|---|---|",
         ]
-        for lv in v["concurrency"].values():
-            t = lv["tokens_per_s"]
+        for lv in v.concurrency.values():
+            t = lv.tokens_per_s
             lines.append(
-                f"| {lv['in_flight']} | {t['eagle3']:.1f} | {t['vllm']:.1f} | {lv['speedup']:.2f} |"
+                f"| {lv.in_flight} | {t['eagle3']:.1f} | {t['vllm']:.1f} | {lv.speedup:.2f} |"
             )
     if decision is not None:
-        lines += ["", f"## Gate: {'PROMOTE' if decision['promote'] else 'REJECT'}", ""]
-        lines += [f"- {x}" for x in decision["reasons"]]
-        champ = decision.get("champion")
+        gate = as_decision(decision)
+        lines += ["", f"## Gate: {gate.verdict}", ""]
+        lines += [f"- {x}" for x in gate.reasons]
+        champ = gate.champion
         if champ:
             lines += [
                 "",
-                f"champion v{champ.get('version')} ({champ.get('source')}): tau "
-                f"{champ.get('tau')}, speedup {champ.get('speedup')}",
+                f"champion v{champ.version} ({champ.source}): tau "
+                f"{champ.tau}, speedup {champ.speedup}",
             ]
     return "\n".join(lines) + "\n"
 
 
-def _depth(report: dict) -> int:
-    return max((len(r.get("alpha") or []) for r in report.get("datasets", {}).values()), default=0)
-
-
 def table_rows(report: dict) -> list[dict]:
+    from eagle3.eval.report import as_report
+
     rows = []
-    for ds, r in report.get("datasets", {}).items():
+    for ds, r in as_report(report).datasets.items():
         row = {
             "dataset": ds,
-            "prompts": r.get("prompts"),
-            "new_tokens": r.get("new_tokens"),
-            "tau": round(float(r.get("tau", 0)), 4),
-            "lossless": r.get("lossless"),
+            "prompts": r.prompts,
+            "new_tokens": r.new_tokens,
+            "tau": round(float(r.tau), 4),
+            "lossless": r.lossless,
         }
-        for k, v in (r.get("speedup") or {}).items():
+        for k, v in r.speedup.items():
             row[f"speedup_{k}"] = round(float(v), 3)
-        for k, v in (r.get("tokens_per_s") or {}).items():
+        for k, v in r.tokens_per_s.items():
             row[f"tok_s_{k}"] = round(float(v), 2)
-        for i, a in enumerate(r.get("alpha") or []):
+        for i, a in enumerate(r.alpha):
             row[f"alpha_{i}"] = round(float(a), 4)
         rows.append(row)
     return rows

@@ -7,7 +7,7 @@ goes to both servers back to back, so machine noise hits them alike; mt_bench's 
 continues with the plain server's greedy answer. Then every prompt again at each
 `vllm.concurrency` (requests in flight), plain and with the head.
 
-The report has the schema of docs/CONTRACTS.md §4.2 (decoders `eagle3` = vLLM with the head and
+The report is a BenchReport (docs/CONTRACTS.md §4.2, eagle3/eval/report.py; decoders `eagle3` = vLLM with the head and
 `vllm` = vLLM without it, so speedup.vs_vllm is the batch-1 speedup and the gate can use it), tau
 and alpha from vLLM's /metrics counters, plus a `vllm` block: acceptance length, per-position
 acceptance, tokens/s and speedup at each concurrency, start-up seconds, and whether greedy outputs
@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from eagle3.eval.bench import _printer, _Tally
+from eagle3.eval.report import BenchReport, Decoding, VllmBlock, VllmLevel, as_report
 from eagle3.infer.vllm_client import SpecCounters, VLLMClient, complete_many
 
 
@@ -154,27 +155,20 @@ def _measure(recipe, draft_dir, sets, tok, servers, say, on_prompt) -> dict:
                         "content": tok.decode(ref.tokens, skip_special_tokens=True),
                     }
                 )
-            so_far = tally.summary(with_counts=False)
-            say(
-                f"vllm {name} {p.id}: so far speedup {so_far['speedup']}, lossless {so_far['lossless']}"
-            )
+            say(f"vllm {name} {p.id}: so far speedup {tally.speedup()}, lossless {tally.lossless}")
         _tally_spec(tally, spec.counters() - before)
-        report_sets[name] = tally.summary()
-        if tally.mismatches:
-            report_sets[name]["mismatches"] = tally.mismatches
+        report_sets[name] = tally.dataset()
         overall.merge(tally)
 
     levels = _concurrency(recipe, all_prompts, bs1_outputs, plain, spec, say)
     bs1 = overall.tokens_per_s()
     levels = {
-        "bs1": {
-            "in_flight": 1,
-            "tokens_per_s": {"eagle3": bs1.get("eagle3", 0.0), "vllm": bs1.get("vllm", 0.0)},
-            "speedup": round(bs1["eagle3"] / bs1["vllm"], 3) if bs1.get("vllm") else 0.0,
-            "acceptance_length": round(overall.emitted / overall.cycles, 3)
-            if overall.cycles
-            else 0.0,
-        },
+        "bs1": VllmLevel(
+            in_flight=1,
+            tokens_per_s={"eagle3": bs1.get("eagle3", 0.0), "vllm": bs1.get("vllm", 0.0)},
+            speedup=round(bs1["eagle3"] / bs1["vllm"], 3) if bs1.get("vllm") else 0.0,
+            acceptance_length=round(overall.emitted / overall.cycles, 3) if overall.cycles else 0.0,
+        ),
         **levels,
     }
     alpha = [
@@ -183,45 +177,40 @@ def _measure(recipe, draft_dir, sets, tok, servers, say, on_prompt) -> dict:
     ]
     k = recipe.vllm_speculative_tokens
     cpu = is_cpu_build()
-    report = {
-        "engine": "vllm",
-        "target": target_name(recipe.target),
-        "draft": str(draft_dir),
-        "device": f"{'cpu' if cpu else 'cuda'} ({python_version_line()})",
-        "dtype": recipe.target.dtype,
-        "threads": spec_srv.spec.threads or _cores(),
-        "decoding": {
-            "mode": "chain",
-            "total_tokens": k,
-            "depth": k,
-            "top_k": 1,
-            "temperature": temperature,
-            "engine": "vllm",
-        },
-        "datasets": report_sets,
-        "overall": overall.summary(with_counts=False),
-        "vllm": {
-            "version": python_version_line(),
-            "speculative_tokens": k,
-            "enforce_eager": spec_srv.spec.enforce_eager,
-            "acceptance_length": levels["bs1"]["acceptance_length"],
-            "alpha": alpha,
+    report = BenchReport(
+        engine="vllm",
+        target=target_name(recipe.target),
+        draft=str(draft_dir),
+        device=f"{'cpu' if cpu else 'cuda'} ({python_version_line()})",
+        dtype=recipe.target.dtype,
+        threads=spec_srv.spec.threads or _cores(),
+        decoding=Decoding(
+            mode="chain", total_tokens=k, depth=k, top_k=1, temperature=temperature, engine="vllm"
+        ),
+        datasets=report_sets,
+        overall=overall.overall(),
+        vllm=VllmBlock(
+            version=python_version_line(),
+            speculative_tokens=k,
+            enforce_eager=spec_srv.spec.enforce_eager,
+            acceptance_length=levels["bs1"].acceptance_length,
+            alpha=alpha,
             # P(draft position i accepted) per verify step, as vLLM's log prints it.
-            "per_position_acceptance": [
+            per_position_acceptance=[
                 round(b / overall.cycles, 4) if overall.cycles else 0.0 for b in overall.accepts
             ],
-            "num_drafts": overall.cycles,
-            "num_accepted_tokens": overall.emitted - overall.cycles,
-            "num_draft_tokens": overall.cycles * k,
-            "lossless": overall.lossless,
-            "concurrency": levels,
-            "start_seconds": {
+            num_drafts=overall.cycles,
+            num_accepted_tokens=overall.emitted - overall.cycles,
+            num_draft_tokens=overall.cycles * k,
+            lossless=overall.lossless,
+            concurrency=levels,
+            start_seconds={
                 "vllm": round(plain_srv.started_s, 1),
                 "eagle3": round(spec_srv.started_s, 1),
             },
-        },
-    }
-    return report
+        ),
+    )
+    return report.to_dict()
 
 
 def _cores() -> int:
@@ -230,7 +219,7 @@ def _cores() -> int:
     return cpu_count()
 
 
-def _concurrency(recipe, prompts, bs1_outputs, plain, spec, say) -> dict:
+def _concurrency(recipe, prompts, bs1_outputs, plain, spec, say) -> dict[str, VllmLevel]:
     """Every prompt again with c requests in flight, plain then with the head (c > 1)."""
     ev = recipe.eval
     out = {}
@@ -247,45 +236,46 @@ def _concurrency(recipe, prompts, bs1_outputs, plain, spec, say) -> dict:
         n_got = sum(len(x.tokens) for x in got)
         tps = {"eagle3": round(n_got / t_got, 3), "vllm": round(n_ref / t_ref, 3)}
         same = [a.tokens == b.tokens for a, b in zip(ref, got, strict=True)]
-        out[f"c{c}"] = {
-            "in_flight": min(c, len(prompts)),
-            "tokens_per_s": tps,
-            "speedup": round(tps["eagle3"] / tps["vllm"], 3) if tps["vllm"] else 0.0,
-            "acceptance_length": round(d.acceptance_length, 3),
+        out[f"c{c}"] = VllmLevel(
+            in_flight=min(c, len(prompts)),
+            tokens_per_s=tps,
+            speedup=round(tps["eagle3"] / tps["vllm"], 3) if tps["vllm"] else 0.0,
+            acceptance_length=round(d.acceptance_length, 3),
             # Batched greedy decoding need not be bit-identical to batch 1 (other kernels and
             # reduction orders); reported, not required.
-            "lossless_batched": all(same) if ev.temperature == 0 else None,
-            "same_as_bs1": sum(a.tokens == b for a, b in zip(got, bs1_outputs, strict=True)),
-        }
-        say(f"vllm concurrency {c}: {tps} speedup {out[f'c{c}']['speedup']}")
+            lossless_batched=all(same) if ev.temperature == 0 else None,
+            same_as_bs1=sum(a.tokens == b for a, b in zip(got, bs1_outputs, strict=True)),
+        )
+        say(f"vllm concurrency {c}: {tps} speedup {out[f'c{c}'].speedup}")
     return out
 
 
-def print_vllm(report: dict) -> None:
+def print_vllm(report: dict | BenchReport) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    v = report.get("vllm")
+    r = as_report(report)
+    v = r.vllm
     if not v:
         return
     t = Table(
-        title=f"{v['version']}: {report['target']} + {Path(report['draft']).name}, "
-        f"{v['speculative_tokens']} speculative tokens, eager={v['enforce_eager']}"
+        title=f"{v.version}: {r.target} + {Path(r.draft).name}, "
+        f"{v.speculative_tokens} speculative tokens, eager={v.enforce_eager}"
     )
     for c in ("in flight", "with head tok/s", "without tok/s", "speedup", "accept len", "lossless"):
         t.add_column(c, justify="right")
-    for key, lv in v["concurrency"].items():
-        tps = lv["tokens_per_s"]
+    for key, lv in v.concurrency.items():
+        tps = lv.tokens_per_s
         t.add_row(
-            str(lv["in_flight"]),
+            str(lv.in_flight),
             f"{tps['eagle3']:.1f}",
             f"{tps['vllm']:.1f}",
-            f"{lv['speedup']:.2f}x",
-            f"{lv['acceptance_length']:.2f}",
-            str(v["lossless"] if key == "bs1" else lv.get("lossless_batched")),
+            f"{lv.speedup:.2f}x",
+            f"{lv.acceptance_length:.2f}",
+            str(v.lossless if key == "bs1" else lv.lossless_batched),
         )
     console = Console()
     console.print(t)
     console.print(
-        "per-position acceptance: " + " ".join(f"{a:.2f}" for a in v["per_position_acceptance"])
+        "per-position acceptance: " + " ".join(f"{a:.2f}" for a in v.per_position_acceptance)
     )

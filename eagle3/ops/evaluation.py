@@ -9,7 +9,6 @@ again, under its compare-and-swap, against the champion it actually replaces.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,18 +28,19 @@ REGISTRY_METRICS = (
 
 def version_tags(draft: Path, report: dict, eval_set: str, data_digest, problems) -> dict:
     """Registry version tags: what the gate and the promotion check later (sha256 per file)."""
+    from eagle3.data.manifest import MANIFEST, read_manifest
+    from eagle3.eval.report import as_report
     from eagle3.io import sha256_file
 
     tags = {
         "eval_set": eval_set,
         "data_digest": data_digest or "",
         "check": "ok" if not problems else "; ".join(problems)[:4000],
-        "target": report.get("target"),
+        "target": as_report(report).target,
     }
-    manifest = Path(draft).parent / "data" / "manifest.json"
-    if manifest.is_file():  # the target's revision (file sha256 or seed) from the data stage
-        target = json.loads(manifest.read_text()).get("target") or {}
-        tags["target_revision"] = str(target.get("revision"))
+    data = Path(draft).parent / "data"
+    if (data / MANIFEST).is_file():  # the target's revision (file sha256 or seed)
+        tags["target_revision"] = str(read_manifest(data).target.revision)
     for f in sorted(Path(draft).iterdir()):
         if f.is_file():
             tags[f"sha256.{f.name}"] = sha256_file(f)

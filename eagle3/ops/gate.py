@@ -8,28 +8,60 @@ by more than the relative tolerance. Every failed condition becomes a reason.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pydantic import ConfigDict, Field
 
-@dataclass
-class Decision:
+from eagle3.contract import Contract
+
+
+class GateNumbers(Contract):
+    """The numbers the gate compares, of a candidate or a champion (docs/schemas/gate-decision).
+
+    Extra keys are allowed: a champion's numbers are read back from champion.json and registry
+    tags, which other versions of this code may have written."""
+
+    tau: float | None = None
+    speedup: float | None = Field(default=None, description="vs speedup_baseline")
+    speedup_baseline: str | None = Field(default=None, description="decoder; hf_generate if absent")
+    lossless: bool | None = None
+    eval_set: str | None = Field(default=None, description="eval_set_signature of the bench")
+    version: str | None = Field(default=None, description="a champion's registry version")
+    source: str | None = Field(default=None, description="where a champion's numbers come from")
+
+
+class GateDecision(Contract):
+    """What the gate decided and from which numbers.
+
+    Extra keys are refused: a decision is made and read by this code base within one run (the
+    evaluation hands it to the promotion), so an unknown key is a bug, not a newer writer."""
+
+    model_config = ConfigDict(extra="forbid")
+
     promote: bool
-    reasons: list[str] = field(default_factory=list)
-    candidate: dict[str, Any] = field(default_factory=dict)
-    champion: dict[str, Any] | None = None
+    reasons: list[str] = Field(default_factory=list)
+    candidate: GateNumbers = Field(default_factory=GateNumbers)
+    champion: GateNumbers | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    @property
+    def verdict(self) -> str:
+        return "PROMOTE" if self.promote else "REJECT"
 
     @property
     def summary(self) -> str:
-        head = "PROMOTE" if self.promote else "REJECT"
-        return f"{head}: " + "; ".join(self.reasons)
+        return f"{self.verdict}: " + "; ".join(self.reasons)
+
+
+def as_decision(decision: dict[str, Any] | GateDecision) -> GateDecision:
+    """The typed decision of a decision dict (as flows pass it on)."""
+    if isinstance(decision, GateDecision):
+        return decision
+    return GateDecision.model_validate(decision)
 
 
 def gate_metrics(metrics: dict[str, Any], baseline: str, eval_set: str | None) -> dict[str, Any]:
-    """The numbers the gate reads, from report_metrics() output or a version's tags."""
+    """The numbers the gate reads (GateNumbers as a dict), from report_metrics() output or a
+    version's tags."""
 
     def num(k):
         v = metrics.get(k)
@@ -43,32 +75,33 @@ def gate_metrics(metrics: dict[str, Any], baseline: str, eval_set: str | None) -
         lossless = lossless.strip().lower() in ("1", "1.0", "true")
     elif lossless is not None:
         lossless = bool(float(lossless))
-    return {
-        "tau": num("tau"),
-        "speedup": num(f"speedup_vs_{baseline}"),
-        "speedup_baseline": baseline,
-        "lossless": lossless,
-        "eval_set": eval_set,
-    }
+    return GateNumbers(
+        tau=num("tau"),
+        speedup=num(f"speedup_vs_{baseline}"),
+        speedup_baseline=baseline,
+        lossless=lossless,
+        eval_set=eval_set,
+    ).to_dict()
 
 
 def decide(
-    candidate: dict[str, Any],
-    champion: dict[str, Any] | None,
+    candidate: dict[str, Any] | GateNumbers,
+    champion: dict[str, Any] | GateNumbers | None,
     promote_cfg: Any,
     check_problems: list[str],
-) -> Decision:
-    c = candidate
+) -> GateDecision:
+    c = GateNumbers.model_validate(candidate)
+    champ = None if champion is None else GateNumbers.model_validate(champion)
     reasons: list[str] = []
     ok = True
-    b = c.get("speedup_baseline", "hf_generate")
+    b = c.speedup_baseline or "hf_generate"
     if check_problems:
         ok = False
         reasons.append(f"checkpoint fails `eagle3 check`: {'; '.join(check_problems[:3])}")
-    if promote_cfg.require_lossless and c.get("lossless") is not True:
+    if promote_cfg.require_lossless and c.lossless is not True:
         ok = False
-        reasons.append(f"not lossless (lossless={c.get('lossless')})")
-    tau, sp = c.get("tau"), c.get("speedup")
+        reasons.append(f"not lossless (lossless={c.lossless})")
+    tau, sp = c.tau, c.speedup
     if tau is None:
         ok = False
         reasons.append("no tau in the evaluation")
@@ -82,16 +115,16 @@ def decide(
         ok = False
         reasons.append(f"speedup vs {b} {sp:.3f} below the floor {promote_cfg.min_speedup:.3f}")
     tol = promote_cfg.tolerance
-    if champion is not None and tau is not None and sp is not None:
-        v = champion.get("version", "?")
-        if champion.get("eval_set") != c.get("eval_set"):
+    if champ is not None and tau is not None and sp is not None:
+        v = champ.version if "version" in champ.model_fields_set else "?"
+        if champ.eval_set != c.eval_set:
             ok = False
             reasons.append(
                 f"champion v{v} was measured on another eval set "
-                f"({champion.get('eval_set')} vs {c.get('eval_set')}); re-evaluate it first"
+                f"({champ.eval_set} vs {c.eval_set}); re-evaluate it first"
             )
         else:
-            ct, cs = champion.get("tau"), champion.get("speedup")
+            ct, cs = champ.tau, champ.speedup
             if ct is not None and tau < ct * (1 - tol):
                 ok = False
                 reasons.append(
@@ -109,7 +142,7 @@ def decide(
                     f"champion v{v} ({ct}, {cs}) on the same eval set"
                 )
     if ok:
-        if champion is None:
+        if champ is None:
             reasons.append(
                 f"no champion yet; tau {tau:.3f} >= {promote_cfg.min_tau} and speedup vs {b} "
                 f"{sp:.3f} >= {promote_cfg.min_speedup}"
@@ -118,4 +151,4 @@ def decide(
             reasons.append("lossless")
         if not check_problems:
             reasons.append("checkpoint passes `eagle3 check`")
-    return Decision(ok, reasons, c, champion)
+    return GateDecision(promote=ok, reasons=reasons, candidate=c, champion=champ)

@@ -4,7 +4,10 @@ speedup by dataset. matplotlib with the Agg backend (no display); each returns a
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from eagle3.eval.report import BenchReport
 
 
 def _plt():
@@ -48,15 +51,15 @@ def training_curves(history: list[tuple[int, dict[str, float]]]):
     return fig
 
 
-def acceptance_by_depth(report: dict[str, Any]):
+def acceptance_by_depth(report: dict[str, Any] | BenchReport):
+    from eagle3.eval.report import as_report
+
+    r = as_report(report)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for ds, r in (report.get("datasets") or {}).items():
-        alpha = r.get("alpha") or []
-        ax.plot(range(1, len(alpha) + 1), alpha, "o-", label=f"{ds} (tau {r.get('tau', 0):.2f})")
-    depth = max(
-        (len(r.get("alpha") or []) for r in (report.get("datasets") or {}).values()), default=0
-    )
+    for ds, s in r.datasets.items():
+        ax.plot(range(1, len(s.alpha) + 1), s.alpha, "o-", label=f"{ds} (tau {s.tau:.2f})")
+    depth = r.max_depth()
     ax.set_xticks(range(1, depth + 1))
     ax.set_xlabel("draft depth")
     ax.set_ylabel("acceptance rate alpha")
@@ -67,16 +70,17 @@ def acceptance_by_depth(report: dict[str, Any]):
     return fig
 
 
-def speedup_by_dataset(report: dict[str, Any]):
+def speedup_by_dataset(report: dict[str, Any] | BenchReport):
+    from eagle3.eval.report import as_report
+
+    r = as_report(report)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
-    datasets = list((report.get("datasets") or {}).keys())
-    baselines = sorted(
-        {b for r in report.get("datasets", {}).values() for b in r.get("speedup", {})}
-    )
+    datasets = list(r.datasets)
+    baselines = sorted({b for s in r.datasets.values() for b in s.speedup})
     width = 0.8 / max(len(baselines), 1)
     for j, b in enumerate(baselines):
-        vals = [report["datasets"][d].get("speedup", {}).get(b, 0.0) for d in datasets]
+        vals = [r.datasets[d].speedup.get(b, 0.0) for d in datasets]
         ax.bar([i + j * width for i in range(len(datasets))], vals, width, label=b)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xticks([i + width * (len(baselines) - 1) / 2 for i in range(len(datasets))])

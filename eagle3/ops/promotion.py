@@ -20,6 +20,7 @@ from typing import Any
 from eagle3.ops import champion as ch
 from eagle3.ops import storage
 from eagle3.ops.champion import Place
+from eagle3.ops.gate import as_decision
 from eagle3.ops.storage import PreconditionFailed, StorageError, fault_point
 
 
@@ -45,14 +46,18 @@ def champion_numbers(
 ) -> dict[str, Any] | None:
     """The gate numbers of the champion `ptr` names: measured on this eval set by the evaluation
     when it benchmarked that very version, else those recorded at its promotion, else its tags."""
+    from eagle3.ops.gate import GateNumbers
+
     if ptr is None:
         return None
     v = str(ptr["version"])
-    if measured and str(measured.get("version")) == v:
+    if measured and str(GateNumbers.model_validate(measured).version) == v:
         return measured
-    m = dict(ptr.get("metrics") or {})
-    if m.get("tau") is None or m.get("speedup_baseline") != baseline:
+    recorded = GateNumbers.model_validate(ptr.get("metrics") or {})
+    if recorded.tau is None or recorded.speedup_baseline != baseline:
         m = registry_numbers(place, v, baseline)
+    else:
+        m = recorded.to_dict()
     return {**m, "version": v, "source": "champion.json"}
 
 
@@ -205,8 +210,9 @@ def promote(
     champ = champion_numbers(place, ptr, measured, cfg.speedup_baseline)
     if ptr is not None and str(ptr["version"]) == str(version):
         champ = None  # promoting the champion again: nothing to compare with
-    out["decision"] = decide(candidate, champ, cfg, problems).to_dict()
-    if not out["decision"]["promote"]:
+    decision = decide(candidate, champ, cfg, problems)
+    out["decision"] = decision.to_dict()
+    if not decision.promote:
         return out
     verify_against_registry(place, version, draft_dir)
     rid = ch.registry_id(place)
@@ -323,8 +329,13 @@ def promote_recipe(
         version = str(mv.version)
     version = str(version)
     baseline = recipe.promote.speedup_baseline
-    candidate = (decision or {}).get("candidate") or registry_numbers(place, version, baseline)
-    measured = (decision or {}).get("champion")
+    given = as_decision(decision) if decision else None
+    candidate = (
+        given.candidate.to_dict()
+        if given and given.candidate.model_fields_set
+        else registry_numbers(place, version, baseline)
+    )
+    measured = given.champion.to_dict() if given and given.champion else None
     with (
         stage_run(place.tracker, recipe, "promote", parent_run_id, tags=run_tags) as run_id,
         tempfile.TemporaryDirectory(prefix="eagle3-promote-") as tmp,
@@ -337,12 +348,12 @@ def promote_recipe(
             out = _gate_only(place, recipe, version, candidate, problems, measured)
         else:
             out = promote(place, recipe, version, draft, candidate, problems, measured, step)
-        d = out["decision"]
+        d = as_decision(out["decision"])
         place.tracker.set_tags(
             run_id,
             {
-                "eagle3.gate": "PROMOTE" if d["promote"] else "REJECT",
-                "eagle3.gate_reasons": "; ".join(d["reasons"])[:4000],
+                "eagle3.gate": d.verdict,
+                "eagle3.gate_reasons": "; ".join(d.reasons)[:4000],
                 "eagle3.version": version,
                 "eagle3.promoted": str(out["promoted"]).lower(),
                 "eagle3.promotion_skipped": out.get("skipped"),
@@ -358,24 +369,25 @@ def promote_recipe(
 
 def _gate_only(place, recipe, version, candidate, problems, measured) -> dict[str, Any]:
     """No S3 configured: the gate runs (against the MLflow alias), nothing moves."""
-    from eagle3.ops.gate import decide
+    from eagle3.ops.gate import GateNumbers, decide
 
     cur = ch.alias_version(place)
     champ = None
     if cur is not None and cur != version:
-        champ = measured if measured and str(measured.get("version")) == cur else None
+        same = measured and str(GateNumbers.model_validate(measured).version) == cur
+        champ = measured if same else None
         champ = champ or {
             **registry_numbers(place, cur, recipe.promote.speedup_baseline),
             "version": cur,
         }
-    d = decide(candidate, champ, recipe.promote, problems).to_dict()
+    d = decide(candidate, champ, recipe.promote, problems)
     msg = "no S3 bucket configured: set storage.bucket in the recipe, or EAGLE3_S3_BUCKET"
     return {
         "model": place.model,
         "version": version,
         "promoted": False,
-        "decision": d,
-        "skipped": msg if d["promote"] else None,
+        "decision": d.to_dict(),
+        "skipped": msg if d.promote else None,
     }
 
 
@@ -404,7 +416,7 @@ def describe_promotion(out: dict) -> str:
         return f"promoted {head} -> {out['uri']} (champion.json, alias champion)"
     if out.get("skipped"):
         return f"not promoted (the gate passed): {out['skipped']}"
-    why = "; ".join(out["decision"]["reasons"])
+    why = "; ".join(as_decision(out["decision"]).reasons)
     if out.get("champion_moved"):
         return f"not promoted: {head}: the champion changed during the promotion: {why}"
     return f"not promoted: {head}: {why}"

@@ -14,7 +14,10 @@ import os
 import re
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from eagle3.eval.report import BenchReport, VllmBlock
 
 # MLflow limits: 500 chars per param value in older servers (6000 now); we cut at 500 for safety.
 _PARAM_MAX = 500
@@ -305,79 +308,77 @@ def _metric_key(k: str) -> str:
 
 
 # --- the benchmark report as metrics ------------------------------------------------------------------
-def report_metrics(report: dict[str, Any]) -> dict[str, float]:
+def report_metrics(report: dict[str, Any] | BenchReport) -> dict[str, float]:
     """Flat metrics from a docs/CONTRACTS.md §4 report: overall names of §6, then
     `<dataset>/...`."""
-    out: dict[str, float] = {}
-    overall = report.get("overall") or {}
-    if "tau" in overall:
-        out["tau"] = float(overall["tau"])
-    for k, v in (overall.get("speedup") or {}).items():
+    from eagle3.eval.report import as_report
+
+    r = as_report(report)
+    out: dict[str, float] = {"tau": float(r.overall.tau)}
+    for k, v in r.overall.speedup.items():
         out[f"speedup_{k}"] = float(v)
-    if "lossless" in overall:
-        out["lossless"] = 1.0 if overall["lossless"] else 0.0
-    alone = report.get("tree_only") or {}  # the head without the prompt-lookup branch
-    if "tau" in alone:
-        out["tau_tree_only"] = float(alone["tau"])
-    for k, v in (alone.get("speedup") or {}).items():
-        out[f"speedup_tree_only_{k}"] = float(v)
+    out["lossless"] = 1.0 if r.overall.lossless else 0.0  # null (sampling) logs as 0
+    if r.tree_only is not None:  # the head without the prompt-lookup branch
+        out["tau_tree_only"] = float(r.tree_only.tau)
+        for k, v in r.tree_only.speedup.items():
+            out[f"speedup_tree_only_{k}"] = float(v)
     alphas: dict[int, list[tuple[float, int]]] = {}
     tps: dict[str, list[float]] = {}
-    for ds, r in (report.get("datasets") or {}).items():
-        if "tau" in r:
-            out[f"{ds}/tau"] = float(r["tau"])
-        for k, v in (r.get("speedup") or {}).items():
+    for ds, s in r.datasets.items():
+        out[f"{ds}/tau"] = float(s.tau)
+        for k, v in s.speedup.items():
             out[f"{ds}/speedup_{k}"] = float(v)
-        for k, v in (r.get("tokens_per_s") or {}).items():
+        for k, v in s.tokens_per_s.items():
             out[f"{ds}/tokens_per_s_{k}"] = float(v)
             tps.setdefault(k, []).append(float(v))
-        for i, a in enumerate(r.get("alpha") or []):
+        for i, a in enumerate(s.alpha):
             out[f"{ds}/alpha_{i}"] = float(a)
-            alphas.setdefault(i, []).append((float(a), int(r.get("prompts") or 1)))
+            alphas.setdefault(i, []).append((float(a), s.prompts or 1))
     for i, vals in alphas.items():
         w = sum(n for _, n in vals) or 1
         out[f"alpha_{i}"] = sum(a * n for a, n in vals) / w
     for k, vals in tps.items():
         out[f"tokens_per_s_{k}"] = sum(vals) / len(vals)
-    out |= vllm_metrics(report.get("vllm") or {})
+    if r.vllm is not None:
+        out |= vllm_metrics(r.vllm)
     return out
 
 
-def vllm_metrics(v: dict[str, Any]) -> dict[str, float]:
+def vllm_metrics(v: VllmBlock) -> dict[str, float]:
     """`vllm/...` metrics of an `eagle3 bench --engine vllm` report's `vllm` block."""
-    if not v:
-        return {}
-    out = {"vllm/acceptance_length": float(v["acceptance_length"])}
-    if v.get("lossless") is not None:
-        out["vllm/lossless"] = 1.0 if v["lossless"] else 0.0
-    for i, a in enumerate(v.get("alpha") or []):
+    out = {"vllm/acceptance_length": float(v.acceptance_length)}
+    if v.lossless is not None:
+        out["vllm/lossless"] = 1.0 if v.lossless else 0.0
+    for i, a in enumerate(v.alpha):
         out[f"vllm/alpha_{i}"] = float(a)
-    for i, a in enumerate(v.get("per_position_acceptance") or []):
+    for i, a in enumerate(v.per_position_acceptance):
         out[f"vllm/acceptance_pos_{i}"] = float(a)
-    for key, lv in (v.get("concurrency") or {}).items():
-        out[f"vllm/speedup_{key}"] = float(lv["speedup"])
-        out[f"vllm/tokens_per_s_{key}"] = float(lv["tokens_per_s"]["eagle3"])
-        out[f"vllm/tokens_per_s_plain_{key}"] = float(lv["tokens_per_s"]["vllm"])
-        out[f"vllm/acceptance_length_{key}"] = float(lv["acceptance_length"])
-    for k, secs in (v.get("start_seconds") or {}).items():
+    for key, lv in v.concurrency.items():
+        out[f"vllm/speedup_{key}"] = float(lv.speedup)
+        out[f"vllm/tokens_per_s_{key}"] = float(lv.tokens_per_s["eagle3"])
+        out[f"vllm/tokens_per_s_plain_{key}"] = float(lv.tokens_per_s["vllm"])
+        out[f"vllm/acceptance_length_{key}"] = float(lv.acceptance_length)
+    for k, secs in v.start_seconds.items():
         out[f"vllm/start_seconds_{k}"] = float(secs)
     return out
 
 
-def eval_set_signature(recipe: Any, report: dict[str, Any]) -> str:
+def eval_set_signature(recipe: Any, report: dict[str, Any] | BenchReport) -> str:
     """What makes two evaluations comparable: target, datasets and their prompt counts, settings."""
     import hashlib
 
-    ds = {k: int(v.get("prompts") or 0) for k, v in (report.get("datasets") or {}).items()}
-    sig = {
-        "target": report.get("target"),
-        "datasets": ds,
+    from eagle3.eval.report import as_report
+
+    r = as_report(report)
+    sig: dict[str, Any] = {
+        "target": r.target,
+        "datasets": {k: s.prompts for k, s in r.datasets.items()},
         "max_new_tokens": recipe.eval.max_new_tokens,
         "temperature": recipe.eval.temperature,
         "limit": recipe.eval.limit,
     }
-    if report.get("engine", "eagle3") != "eagle3":  # tau of a vLLM chain is not a tree's tau
-        sig["engine"] = report["engine"]
+    if r.engine_name != "eagle3":  # tau of a vLLM chain is not a tree's tau
+        sig["engine"] = r.engine
     return hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:16]
 
 

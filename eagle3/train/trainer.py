@@ -11,13 +11,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +36,9 @@ from eagle3.train.state import (
 )
 from eagle3.train.ttt import TTT, summarize
 
+if TYPE_CHECKING:
+    from eagle3.data.manifest import DataManifest
+
 log = logging.getLogger(__name__)
 
 DRAFT_DIR = "draft"
@@ -54,6 +56,7 @@ class DataMissing(FileNotFoundError):
 def run_training(recipe: Recipe, progress: bool = True, callback: Callback | None = None) -> dict:
     """Train on the data stage's output in `<run_dir>/data`, plus the training samples of the mixed
     stages (data.mix, train.mix_data); see train() for the summary."""
+    from eagle3.data.manifest import DataManifest
     from eagle3.data.stages import combined_digest, mixed_dirs
 
     data_dir = recipe.run_path / "data"
@@ -62,7 +65,7 @@ def run_training(recipe: Recipe, progress: bool = True, callback: Callback | Non
         raise DataMissing(
             f"{manifest_path} does not exist: run `eagle3 data --config <recipe>` first"
         )
-    manifest = json.loads(manifest_path.read_text())
+    manifest = DataManifest.model_validate_json(manifest_path.read_text())
     from eagle3.data.pipeline import feature_shards, load_token_samples, load_vocab
 
     vocab = load_vocab(data_dir)
@@ -77,7 +80,7 @@ def run_training(recipe: Recipe, progress: bool = True, callback: Callback | Non
         train_set, val_set = ShardDataset(train_shards), ShardDataset(val_shards)
     else:
         train_set, val_set = load_token_samples(data_dir)
-    digest = str(manifest.get("digest", ""))
+    digest = manifest.digest or ""
     dirs = mixed_dirs(recipe)
     if dirs:
         held_out = {conversation_id(i) for i in as_dataset(val_set).sample_ids}
@@ -101,15 +104,16 @@ def conversation_id(sample_id: str) -> str:
 
 
 def mixed_samples(
-    dirs: list, manifest: dict, held_out: set[str], features: bool = False
+    dirs: list, manifest: DataManifest | dict, held_out: set[str], features: bool = False
 ) -> tuple[list, list[str]]:
     """Training samples of other data stages, renamed `<dir>:<id>`, without this run's held-out
     conversations (their teacher-forced twins would leak into training). Returns (samples, or one
     ShardDataset per stage when `features`; digests). Each stage must share this run's target and
     chat template (and feature settings when `features`)."""
-    from eagle3.data.manifest import read_manifest
+    from eagle3.data.manifest import DataManifest, read_manifest
     from eagle3.data.pipeline import feature_shards, load_token_samples
 
+    manifest = DataManifest.model_validate(manifest)
     out, digests = [], []
     for d in dirs:
         d = str(d)
@@ -121,7 +125,7 @@ def mixed_samples(
         if features:
             keys += ["aux_layer_ids"]
         for key in keys:
-            if other.get(key) != manifest.get(key):
+            if getattr(other, key) != getattr(manifest, key):
                 raise ConfigError(f"mixed data stage {d}: its {key} differs from this run's data")
         if not features:
             train_part, _ = load_token_samples(d)
@@ -131,13 +135,12 @@ def mixed_samples(
                 if conversation_id(s.sample_id) not in held_out
             ]
         else:
-            mine, theirs = (m.get("features") or {} for m in (manifest, other))
-            if not theirs.get("written"):
+            if not other.features.written:
                 raise ConfigError(
                     f"train.features is offline but mixed data stage {d} holds no feature "
                     "shards (set data.features=true and rerun `eagle3 data`)"
                 )
-            if theirs.get("dtype") != mine.get("dtype"):
+            if other.features.dtype != manifest.features.dtype:
                 raise ConfigError(
                     f"mixed data stage {d}: its feature dtype differs from this run's"
                 )
@@ -147,7 +150,7 @@ def mixed_samples(
                     shards, keep=lambda i: conversation_id(i) not in held_out, prefix=f"{d}:"
                 )
             )
-        digests.append(str(other.get("digest", "")))
+        digests.append(other.digest or "")
     return out, digests
 
 
