@@ -295,7 +295,25 @@ def test_no_venv_bad_port_and_head_dim_are_named_before_launch(vrecipe, tmp_path
     tiny16 = target_hf_dir(load_recipe(ROOT / "configs" / "tiny.yaml").target, vrecipe.cache_path)
     with pytest.raises(vs.VLLMSetupError, match=r"config.json: head_dim 16 is not supported"):
         vs.start_vllm(vs.ServerSpec(model=str(tiny16)), state_dir=tmp_path)
+    # A draft dir that is not there: vLLM would take it for a hub id and fail minutes later.
+    with pytest.raises(vs.VLLMSetupError, match=r"draft .*no-head: no such directory"):
+        vs.start_vllm(
+            vs.ServerSpec(model=model, draft=str(tmp_path / "no-head")), state_dir=tmp_path
+        )
     assert not list((tmp_path / "logs").glob("*.log"))  # nothing was launched
+
+
+def test_the_server_gets_the_head_as_an_absolute_dir(vrecipe, monkeypatch):
+    # The server runs in its state dir: a relative draft path (or a head's name) given on the
+    # command line must reach it resolved, or vLLM reads it as a hub repository id.
+    from eagle3.heads import heads_dir, known_heads
+
+    monkeypatch.chdir(ROOT)
+    name = known_heads()[0]
+    for given in (name, f"heads/{name}"):
+        spec = vs.spec_from_recipe(vrecipe, given)
+        assert Path(spec.draft).is_absolute() and Path(spec.draft) == (heads_dir() / name).resolve()
+    assert vs.spec_from_recipe(vrecipe, None).draft is None
 
 
 def test_cli_serve_without_venv_exits_2_naming_it(monkeypatch, tmp_path, capsys):

@@ -174,7 +174,10 @@ def preflight(spec: ServerSpec, python: Path, port: int | None) -> None:
         raise VLLMSetupError(
             f"port {port} on 127.0.0.1 is taken by another process; choose another"
         )
-    for where in (spec.model, spec.draft):
+    if spec.draft and not Path(spec.draft).is_dir():
+        # vLLM would read it as a hub repository id and fail minutes later
+        raise VLLMSetupError(f"draft {spec.draft}: no such directory")
+    for where in (spec.model, spec.draft):  # the target may be a hub id on a GPU box
         if where and Path(where).exists() and not (Path(where) / "config.json").is_file():
             raise VLLMSetupError(f"{where} holds no config.json: not a model directory")
     if is_cpu_build(python):
@@ -341,12 +344,14 @@ def _kill_group(pid: int) -> None:
 def spec_from_recipe(recipe, draft: str | Path | None, port: int | None = None) -> ServerSpec:
     """The server for a recipe's target (an HF dir: the dequantised one for embedded / gguf
     targets, the saved seeded model for tiny ones), with the head in `draft` when given."""
+    from eagle3.heads import resolve_draft
     from eagle3.models.target import target_hf_dir
 
     v = recipe.vllm
     return ServerSpec(
         model=str(target_hf_dir(recipe.target, recipe.cache_path)),
-        draft=str(draft) if draft else None,
+        # absolute: the server runs in its state dir, where a relative path means nothing
+        draft=str(resolve_draft(draft).resolve()) if draft else None,
         speculative_tokens=recipe.vllm_speculative_tokens,
         dtype=recipe.target.dtype,
         enforce_eager=v.enforce_eager,
