@@ -7,6 +7,7 @@
 #   benchmarks/gpu_full.sh data PART1 LIMIT SECONDS  # join; regenerate up to LIMIT ShareGPT
 #                                            # conversations, stopping after SECONDS at a shard boundary
 #   benchmarks/gpu_full.sh train SECONDS     # TTT training on the regenerated data (online features)
+#   (bench and vllm measure the shipped head, which travels in git; DRAFT=DIR another one)
 #   benchmarks/gpu_full.sh bench N [KEY=VALUE...]  # MT-bench (first N) in bf16 on the GPU;
 #                                            # TAG names the report, SECONDS bounds the run
 #   benchmarks/gpu_full.sh vllm N [K]        # issue #15's comparison with CUDA vLLM (vllm_compare.py):
@@ -67,14 +68,14 @@ bench)
   shift 2
   # Overrides go last: argparse takes one run of positionals.
   timeout "${SECONDS_LIMIT:-540}" python3 -m eagle3.cli bench --config configs/smollm2-135m.yaml \
-    --profile full --draft runs/smollm2-135m/draft --datasets mt_bench --limit "$n" \
+    --profile full --draft "${DRAFT:-smollm2-135m-instruct}" --datasets mt_bench --limit "$n" \
     --out "$OUT/bench_gpu_${TAG:-bf16}.json" target.device=cuda target.dtype=bfloat16 "$@" \
     2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -30 || true
   ;;
 vllm)
   # vLLM with vs without the head (batch 1 and 4 in flight), our engine vs HF generate and vs
   # vLLM, our chain tau vs vLLM's acceptance length; bf16 on the GPU, two servers share it.
-  timeout "${SECONDS_LIMIT:-3000}" python3 benchmarks/vllm_compare.py --draft runs/smollm2-135m/draft \
+  timeout "${SECONDS_LIMIT:-3000}" python3 benchmarks/vllm_compare.py --draft "${DRAFT:-smollm2-135m-instruct}" \
     --prompts "$2" --k "${3:-3}" --out "$OUT/vllm_compare_gpu.json" \
     target.device=cuda target.dtype=bfloat16 eval.threads=null infer.pad_verify=false \
     2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -60 || true

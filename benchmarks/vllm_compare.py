@@ -34,7 +34,9 @@ DECODERS = ("hf_generate", "eagle3", "eagle3_chain", "vllm", "vllm_eagle3")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--draft", required=True, help="the head (portable / SGLang-format dir)")
+    ap.add_argument(
+        "--draft", required=True, help="the head: a portable dir or a shipped head's name"
+    )
     ap.add_argument("--config", default="configs/smollm2-135m.yaml")
     ap.add_argument("--profile", default="full")
     ap.add_argument("--prompts", type=int, default=80, help="MT-bench questions (2 turns each)")
@@ -52,6 +54,7 @@ def main() -> None:
     from eagle3.data.sources import load_eval_prompts
     from eagle3.eval.bench import _hf_generate
     from eagle3.eval.vllm_bench import bench_servers
+    from eagle3.heads import resolve_draft
     from eagle3.infer.engine import SpecEngine, encode_prompt, load_engine
     from eagle3.infer.vllm_client import VLLMClient, complete_many
     from eagle3.models.checkpoint import load_draft
@@ -68,6 +71,7 @@ def main() -> None:
         torch.set_num_threads(recipe.eval.threads)
     say = lambda m: print(m, flush=True)  # noqa: E731
     prompts = load_eval_prompts("mt_bench", args.prompts, recipe)
+    args.draft = str(resolve_draft(args.draft))  # a name: its SHA256SUMS are checked here
 
     t0 = time.perf_counter()
     engine = load_engine(recipe, args.draft)
