@@ -2,9 +2,9 @@
 
 Exit status: 0 success, 2 bad input (recipe, arguments, data, checkpoint, prompt) or an unusable
 environment (a stack server down, the MLOps extra `eagle3[ops]` not installed), 1 failure during
-work. Every command but
-`pipeline` calls the library directly, without Prefect; `pipeline` checks its input and the stack,
-then runs `python -m flows` (the orchestration layer's entry) in a child process.
+work. Every command but `pipeline` calls the library directly, without Prefect; `pipeline` checks
+its input and the stack, then runs `python -m flows` (the orchestration layer's entry) in a child
+process.
 """
 
 from __future__ import annotations
@@ -234,7 +234,6 @@ def _fetch_champion(recipe) -> str:
     from eagle3.ops.vllm_server import record_path
 
     require_ops("mlflow", "boto3")
-
     use_stack(recipe, need=("s3", "mlflow"))
     from eagle3.ops.champion_fetch import fetch_champion, resolve_champion
 
