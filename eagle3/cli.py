@@ -1,9 +1,10 @@
 """The `eagle3` command. Heavy packages are imported inside the handlers: `--help` stays instant.
 
 Exit status: 0 success, 2 bad input (recipe, arguments, data, checkpoint, prompt) or an unusable
-environment found before any work (a stack server down), 1 failure during work. Every command but
-`pipeline` calls the library directly, without Prefect; `pipeline` checks its input and the stack,
-then runs `python -m flows` (the orchestration layer's entry) in a child process.
+environment (a stack server down, the MLOps extra `eagle3[ops]` not installed), 1 failure during
+work. Every command but `pipeline` calls the library directly, without Prefect; `pipeline` checks
+its input and the stack, then runs `python -m flows` (the orchestration layer's entry) in a child
+process.
 """
 
 from __future__ import annotations
@@ -229,8 +230,10 @@ def _serve_foreground(srv) -> int:
 
 def _fetch_champion(recipe) -> str:
     """The registry's champion, downloaded and verified under .eagle3/vllm/ (S3 or MLflow)."""
+    from eagle3.extras import require_ops
     from eagle3.ops.vllm_server import record_path
 
+    require_ops("mlflow", "boto3")
     use_stack(recipe, need=("s3", "mlflow"))
     from eagle3.ops.champion_fetch import fetch_champion, resolve_champion
 
@@ -277,7 +280,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_stack(args) -> int:
+    from eagle3.extras import require_ops
     from eagle3.ops.stack import stack_command
+
+    if args.action == "up":  # `down` and `status` must work whatever is installed
+        require_ops("prefect", "mlflow", "boto3", "cryptography")
 
     ports = {"prefect": args.prefect_port, "mlflow": args.mlflow_port, "s3": args.s3_port}
     return stack_command(args.action, Path(args.state_dir) if args.state_dir else None, ports)
@@ -318,7 +325,11 @@ def cmd_pipeline(args) -> int:
     orchestration layer's own entry, `python -m flows`, runs the pipeline in a child process with
     the stack's variables already in its environment (Prefect reads its settings once, when it
     is first loaded). eagle3/ never loads the flows package itself."""
-    use_stack(recipe_from_args(args))
+    from eagle3.extras import require_ops
+
+    recipe = recipe_from_args(args)
+    require_ops("prefect", "mlflow", "boto3", "matplotlib")
+    use_stack(recipe)
     argv = [sys.executable, "-m", "flows", "--config", str(args.config)]
     argv += ["--profile", args.profile] if args.profile else []
     return run_child(argv + list(args.overrides))
@@ -351,6 +362,9 @@ def cmd_promote(args) -> int:
     recipe = recipe_from_args(args)
     if sum(bool(x) for x in (args.version, args.rollback, args.reconcile)) > 1:
         raise BadInput("give one of --version, --rollback, --reconcile")
+    from eagle3.extras import require_ops
+
+    require_ops("mlflow", "boto3")
     use_stack(recipe, need=("s3", "mlflow"))
     from eagle3.ops import promotion, storage
 
@@ -547,9 +561,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(name: str, fn, args) -> int:
     """fn(args) with the exit statuses of the module docstring; errors are said in one line."""
+    from eagle3.extras import MissingExtra, missing_message, missing_ops_package
+
     try:
         return fn(args)
-    except BadInput as e:
+    except (BadInput, MissingExtra) as e:
         print(f"{name}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
@@ -558,6 +574,9 @@ def run_command(name: str, fn, args) -> int:
     except Exception as e:  # a failure during work: say what, exit 1
         if _is_bad_input(e):
             print(f"{name}: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if pkg := missing_ops_package(e):  # reached by a path that no require_ops covers
+            print(f"{name}: {missing_message([pkg])}", file=sys.stderr)
             return EXIT_BAD_INPUT
         import traceback
 

@@ -43,12 +43,10 @@ def train_task(recipe, key: str, mlflow_run_id: str | None = None) -> dict:
     from eagle3.train.trainer import run_training
 
     t = tracker(recipe) if mlflow_run_id else None
-    history: list[tuple[int, dict[str, float]]] = []
     warned = []
 
     def callback(step: int, metrics: dict[str, float]) -> None:
         m = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        history.append((int(step), m))
         if t is None:
             return
         try:
@@ -59,25 +57,19 @@ def train_task(recipe, key: str, mlflow_run_id: str | None = None) -> dict:
                 print(f"warning: MLflow metric logging failed ({e}); training goes on")
 
     summary = run_training(recipe, progress=show_progress(), callback=callback)
-    out = json.loads(json.dumps(summary, default=str))
-    out["history"] = history
-    return out
+    return json.loads(json.dumps(summary, default=str))
 
 
 @task(name="log-training", retries=3, retry_delay_seconds=RETRY_DELAYS)
 def log_train_task(recipe, summary: dict, run_id: str, art_run: str) -> None:
-    from eagle3.ops.plots import training_curves
-
+    """The final metrics on the train run (and the pipeline's), train_metrics.json as an artifact.
+    The per-step curves are the train run's metric history: MLflow's charts draw them."""
     t = tracker(recipe)
     final = {k: v for k, v in (summary.get("metrics") or {}).items() if isinstance(v, (int, float))}
     if final:
         t.log_metrics(run_id, contract_names(final))
         if art_run != run_id:
             t.log_metrics(art_run, contract_names(final))
-    # a cached result carries the history of the run that made it
-    history = [(s, m) for s, m in summary.get("history") or []]
-    fig = training_curves(history)
-    t.log_figure(art_run, fig, "plots/training_curves.png")
     metrics_file = recipe.run_path / "train_metrics.json"
     if metrics_file.is_file():
         t.log_artifact(art_run, metrics_file, "train")

@@ -68,9 +68,7 @@ def test_pipeline_end_to_end_on_tiny(tmp_path, s3_env, mlflow_sqlite, prefect_ha
     assert all(r.info.status == "FINISHED" for r in children)
     assert t.metric_history(by_name["train"].info.run_id, "train/loss_0")
     arts = {a.path for a in t.client.list_artifacts(parent.info.run_id, "plots")}
-    assert arts == {
-        f"plots/{n}.png" for n in ("training_curves", "acceptance_by_depth", "speedup_by_dataset")
-    }
+    assert arts == {f"plots/{n}.png" for n in ("acceptance_by_depth", "speedup_by_dataset")}
     top = {a.path for a in t.client.list_artifacts(parent.info.run_id)}
     assert {"draft", "eval", "data", "recipe.yaml"} <= top
 

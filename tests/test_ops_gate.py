@@ -156,3 +156,27 @@ def test_tracker_logs_runs_dataset_and_registry(tmp_path, mlflow_sqlite):
     assert t.alias_version(name, "champion").tags["tau"] == "2.0"
     out = t.download_version(name, v, tmp_path / "dl")
     assert (out / "config.json").read_text() == "{}"
+
+
+def test_experiments_open_in_mlflows_model_training_view(mlflow_sqlite):
+    """MLflow 3.17's UI shows an experiment by its `mlflow.experimentKind` tag; without one it
+    may open the GenAI view (Traces, Judges). New experiments carry the model-training kind, an
+    older one without a kind gets it, and a kind someone chose stays."""
+    import uuid
+
+    from eagle3.config import TrackingConfig
+    from eagle3.ops.tracking import Tracker
+
+    def kind(t: Tracker) -> str | None:
+        return t.client.get_experiment(t.experiment_id).tags.get("mlflow.experimentKind")
+
+    new = Tracker(TrackingConfig(experiment=f"exp-{uuid.uuid4().hex[:8]}"))
+    assert kind(new) == "custom_model_development"
+    older, chosen = (f"exp-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    arts = (mlflow_sqlite / "mlartifacts").as_uri()  # not ./mlruns in the working directory
+    new.client.create_experiment(older, artifact_location=arts)
+    new.client.create_experiment(
+        chosen, artifact_location=arts, tags={"mlflow.experimentKind": "genai_development"}
+    )
+    assert kind(Tracker(TrackingConfig(experiment=older))) == "custom_model_development"
+    assert kind(Tracker(TrackingConfig(experiment=chosen))) == "genai_development"

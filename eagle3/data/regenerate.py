@@ -6,17 +6,16 @@ backends, same contract (conversations in, regenerated conversations + skips + s
 - `regenerate_hf`: the loaded target answers `batch_size` prompts at a time with continuous
   batching (`decode.py`: a finished answer's slot takes the next prompt; left padding, KV cache,
   prompts sorted by length so the batch wastes little padding);
-- `regenerate_openai`: any OpenAI-compatible server (vLLM, SGLang) with bounded concurrency.
+- `regenerate_openai`: any OpenAI-compatible server (vLLM, SGLang) through the `openai` client
+  (its retries with backoff), with bounded concurrency.
 A turn whose prompt no longer fits `max_len` ends the conversation there; a conversation with no
 answered turn is skipped with the reason.
 """
 
 from __future__ import annotations
 
-import json
+import re
 import time
-import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -271,38 +270,50 @@ def _collect(dialogs: list[_Dialog], stats: RegenStats) -> RegenResult:
 
 
 # --- OpenAI-compatible backend -------------------------------------------------------------------------
+# vLLM and SGLang serve without a key unless started with --api-key: a placeholder, never
+# OPENAI_API_KEY, which must not travel to a local server.
+_NO_KEY = "EMPTY"
+_RETRIES = 2  # after the first try: connection errors, 408, 409, 429 and 5xx, with backoff
+
+
 class EndpointError(RuntimeError):
     pass
 
 
-def _post(url: str, body: dict[str, Any], timeout: float, retries: int = 3) -> dict[str, Any]:
-    data = json.dumps(body).encode()
-    last = ""
-    for attempt in range(retries):
-        req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            last = f"HTTP {e.code}: {e.read()[:300].decode(errors='replace')}"
-            if e.code < 500 and e.code != 429:  # the request itself is wrong: retrying won't help
-                break
-        except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as e:
-            last = f"{type(e).__name__}: {e}"
-        time.sleep(0.5 * 2**attempt)
-    raise EndpointError(last)
+def _client(endpoint: str, timeout: float):
+    from openai import OpenAI
+
+    return OpenAI(base_url=endpoint, api_key=_NO_KEY, timeout=timeout, max_retries=_RETRIES)
 
 
-def served_model(endpoint: str, timeout: float = 30.0) -> str:
+def _where(endpoint: str) -> str:
+    """The endpoint for messages, without any user:password@ it carries."""
+    return re.sub(r"(://)[^/@\s]+@", r"\1", endpoint.rstrip("/"))
+
+
+def _api_error(e: Exception) -> str:
+    import openai
+
+    if isinstance(e, openai.APIStatusError):  # "Error code: 400 - <the server's message>"
+        return e.message
+    return f"{type(e).__name__}: {e}"
+
+
+def served_model(endpoint: str, timeout: float = 30.0, client=None) -> str:
     """The first model the server lists (vLLM/SGLang serve one)."""
+    import openai
+
     try:
-        with urllib.request.urlopen(endpoint.rstrip("/") + "/models", timeout=timeout) as r:
-            models = json.loads(r.read()).get("data") or []
-    except (urllib.error.URLError, OSError, json.JSONDecodeError) as e:
-        raise EndpointError(f"{endpoint}/models: {e}") from e
+        if client is None:
+            with _client(endpoint, timeout) as c:
+                models = list(c.models.list())
+        else:
+            models = list(client.with_options(timeout=timeout).models.list())
+    except openai.APIError as e:
+        raise EndpointError(f"{_where(endpoint)}/models: {_api_error(e)}") from e
     if not models:
-        raise EndpointError(f"{endpoint}/models lists no model")
-    return models[0]["id"]
+        raise EndpointError(f"{_where(endpoint)}/models lists no model")
+    return models[0].id
 
 
 def regenerate_openai(
@@ -318,47 +329,57 @@ def regenerate_openai(
     """At most `cfg.concurrency` conversations in flight; each goes turn by turn.
 
     The tokenizer only measures prompts against max_len (the server renders the template itself,
-    which for vLLM/SGLang is the same template the target's tokenizer carries).
+    which for vLLM/SGLang is the same template the target's tokenizer carries). A request that
+    still fails after the client's retries ends its conversation, with the endpoint and the
+    server's reason as the skip reason of that sample.
     """
+    import openai
+
     t0 = time.perf_counter()
-    url = endpoint.rstrip("/") + "/chat/completions"
-    model = model or served_model(endpoint)
+    url = f"{_where(endpoint)}/chat/completions"
     dialogs = [_Dialog(c) for c in conversations]
+    with _client(endpoint, timeout) as client:  # thread-safe: one connection pool for all
+        model = model or served_model(endpoint, client=client)
 
-    def run(d: _Dialog) -> RegenStats:
-        st = RegenStats()
-        while (ids := _fit(d, tokenizer, cfg.max_len, st)) is not None:
-            limit = min(cfg.max_new_tokens, cfg.max_len - len(ids))
-            body = {
-                "model": model,
-                "messages": d.next_prompt(),
-                "max_tokens": limit,
-                "temperature": cfg.temperature,
-                "seed": seed,
-            }
-            try:
-                reply = _post(url, body, timeout)
-                choice = reply["choices"][0]
-                msg = choice["message"]
-                text = msg.get("content") or ""
-            except (EndpointError, KeyError, IndexError, TypeError) as e:
-                st.errors += 1
-                d.reason = f"endpoint error: {e}"
-                break
-            if msg.get("reasoning_content"):  # reasoning parsers split it out: put it back
-                text = f"<think>\n{msg['reasoning_content']}\n</think>\n\n{text}"
-            d.answer(text)
-            n = int((reply.get("usage") or {}).get("completion_tokens") or 0)
-            st.turns += 1
-            st.new_tokens += n
-            st.hit_max_new_tokens += choice.get("finish_reason") == "length"
-            if on_batch:
-                on_batch(1, n)
-        return st
+        def run(d: _Dialog) -> RegenStats:
+            st = RegenStats()
+            while (ids := _fit(d, tokenizer, cfg.max_len, st)) is not None:
+                limit = min(cfg.max_new_tokens, cfg.max_len - len(ids))
+                try:
+                    reply = client.chat.completions.create(
+                        model=model,
+                        messages=d.next_prompt(),
+                        max_tokens=limit,
+                        temperature=cfg.temperature,
+                        seed=seed,
+                    )
+                    choice = reply.choices[0]
+                    msg = choice.message
+                except (openai.APIError, IndexError, AttributeError, TypeError) as e:
+                    st.errors += 1
+                    d.reason = f"endpoint error: {url}: {_api_error(e)}"
+                    break
+                d.answer(_with_reasoning(msg))
+                n = int(getattr(reply.usage, "completion_tokens", 0) or 0)
+                st.turns += 1
+                st.new_tokens += n
+                st.hit_max_new_tokens += choice.finish_reason == "length"
+                if on_batch:
+                    on_batch(1, n)
+            return st
 
-    stats = RegenStats()
-    with ThreadPoolExecutor(max_workers=max(1, cfg.concurrency)) as pool:
-        for st in pool.map(run, dialogs):
-            stats.add(st)
+        stats = RegenStats()
+        with ThreadPoolExecutor(max_workers=max(1, cfg.concurrency)) as pool:
+            for st in pool.map(run, dialogs):
+                stats.add(st)
     stats.seconds = time.perf_counter() - t0
     return _collect(dialogs, stats)
+
+
+def _with_reasoning(msg) -> str:
+    """The answer as the target wrote it: a reasoning parser splits the thinking out (vLLM names
+    it `reasoning`, SGLang and older vLLM `reasoning_content`); put it back in front."""
+    text = msg.content or ""
+    extra = msg.model_extra or {}
+    thinking = extra.get("reasoning") or extra.get("reasoning_content")
+    return f"<think>\n{thinking}\n</think>\n\n{text}" if thinking else text

@@ -1,9 +1,9 @@
-"""The plots a reviewer looks at first: training curves per TTT step, acceptance by depth,
-speedup by dataset. matplotlib with the Agg backend (no display); each returns a Figure."""
+"""The bench report's plots: acceptance by depth, speedup by dataset (the training curves are the
+train run's metric history, which MLflow charts itself). matplotlib with the Agg backend (no
+display); each returns a Figure."""
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -17,38 +17,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def training_curves(history: list[tuple[int, dict[str, float]]]):
-    """history: (step, metrics) with keys train/loss_<i>, train/acc_<i> (and val/...)."""
-    plt = _plt()
-    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
-    series: dict[str, list[tuple[int, float]]] = {}
-    for step, m in history:
-        for k, v in m.items():
-            series.setdefault(k, []).append((step, float(v)))
-
-    def idx(k: str) -> int:
-        m = re.search(r"_(\d+)$", k)
-        return int(m.group(1)) if m else 0
-
-    for ax, kind in ((ax_l, "loss"), (ax_a, "acc")):
-        keys = sorted((k for k in series if re.match(rf"^(train|val)/{kind}_\d+$", k)), key=idx)
-        for k in keys:
-            pts = sorted(series[k])
-            style = "-" if k.startswith("train/") else "--o"
-            ax.plot(
-                [p[0] for p in pts], [p[1] for p in pts], style, ms=4, label=f"{k} (step {idx(k)})"
-            )
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(kind)
-        ax.set_title(f"TTT {kind} per unroll step i")
-        if keys:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "no training metrics logged", ha="center", transform=ax.transAxes)
-    fig.tight_layout()
-    return fig
 
 
 def acceptance_by_depth(report: dict[str, Any] | BenchReport):

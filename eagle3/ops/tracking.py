@@ -77,6 +77,19 @@ def is_local(uri: str) -> bool:
     return uri.startswith("sqlite:")
 
 
+# MLflow 3's UI opens an experiment by its kind: without one it may infer GenAI and show Traces and
+# Judges. Ours are model training: runs, metric charts, the registry.
+KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+# Kinds nobody chose (absent, or what the UI inferred and stored): ours replaces them.
+_UNCHOSEN_KINDS = {
+    "",
+    "genai_development_inferred",
+    "custom_model_development_inferred",
+    "no_inferred_type",
+}
+
+
 class Tracker:
     """One experiment on one tracking server; all calls take explicit run ids."""
 
@@ -96,11 +109,17 @@ class Tracker:
                 db = Path(self.uri.removeprefix("sqlite:///"))
                 location = (db.parent / "mlartifacts").resolve().as_uri()
             try:
-                self.experiment_id = self.client.create_experiment(name, artifact_location=location)
+                self.experiment_id = self.client.create_experiment(
+                    name, artifact_location=location, tags={KIND_TAG: MODEL_TRAINING}
+                )
             except Exception:  # created by a concurrent process
-                self.experiment_id = self.client.get_experiment_by_name(name).experiment_id
-        else:
+                exp = self.client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+        if exp is not None:
             self.experiment_id = exp.experiment_id
+            if exp.tags.get(KIND_TAG, "") in _UNCHOSEN_KINDS:  # made before the tag, or inferred
+                self.client.set_experiment_tag(self.experiment_id, KIND_TAG, MODEL_TRAINING)
         self.experiment = name
 
     # --- runs -----------------------------------------------------------------------------------
