@@ -341,11 +341,11 @@ def _kill_group(pid: int) -> None:
 def spec_from_recipe(recipe, draft: str | Path | None, port: int | None = None) -> ServerSpec:
     """The server for a recipe's target (an HF dir: the dequantised one for embedded / gguf
     targets, the saved seeded model for tiny ones), with the head in `draft` when given."""
-    from eagle3.models.target import target_hf_dir
+    from eagle3.models.target import TargetSource
 
     v = recipe.vllm
     return ServerSpec(
-        model=str(target_hf_dir(recipe.target, recipe.cache_path)),
+        model=str(TargetSource.for_recipe(recipe).hf_dir()),
         draft=str(draft) if draft else None,
         speculative_tokens=recipe.vllm_speculative_tokens,
         dtype=recipe.target.dtype,
