@@ -47,9 +47,11 @@ def slugify(text: str) -> str:
 
 
 def registered_model_name(recipe: Any) -> str:
+    if recipe.tracking.registered_model:
+        return recipe.tracking.registered_model
     from eagle3.models.target import TargetSource
 
-    return recipe.tracking.registered_model or f"eagle3-{TargetSource.of(recipe.target).slug}"
+    return f"eagle3-{TargetSource.of(recipe.target).slug}"
 
 
 def git_commit() -> str:
