@@ -34,7 +34,8 @@ def recipe_from_args(args):
 def cmd_data(args) -> int:
     recipe = recipe_from_args(args)
     from eagle3.data.chat import TemplateError
-    from eagle3.data.pipeline import DataLockedError, DiskBudgetError
+    from eagle3.data.features import DiskBudgetError
+    from eagle3.data.shards import DataLockedError
     from eagle3.data.sources import SourceError
     from eagle3.data.stages import data_stages, run_stages
 

@@ -50,9 +50,9 @@ def resolve_recipe(recipe: Any, overrides: list[str] | None = None, profile: str
 
 
 def recipe_tags(recipe) -> list[str]:
-    from eagle3.ops.tracking import target_slug
+    from eagle3.models.target import TargetSource
 
-    return [f"target:{target_slug(recipe)}", f"recipe:{recipe.name}"]
+    return [f"target:{TargetSource.of(recipe.target).slug}", f"recipe:{recipe.name}"]
 
 
 def tag_flow_run(recipe) -> None:

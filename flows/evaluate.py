@@ -90,9 +90,10 @@ def champion_task(recipe, eval_set: str, exclude_version: str | None) -> dict | 
 def artifacts_task(recipe, md: str, rows: list[dict]) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from eagle3.ops.tracking import slugify, target_slug
+    from eagle3.models.target import TargetSource
+    from eagle3.ops.tracking import slugify
 
-    key = slugify(f"eval-{target_slug(recipe)}")
+    key = slugify(f"eval-{TargetSource.of(recipe.target).slug}")
     create_markdown_artifact(
         markdown=md, key=key, description="EAGLE-3 evaluation and gate decision"
     )

@@ -16,15 +16,11 @@ import pytest
 import torch
 
 from eagle3.config import build_recipe
-from eagle3.data.features import read_shard, read_token_shard
+from eagle3.data.features import DiskBudgetError, read_shard, read_token_shard
 from eagle3.data.manifest import read_manifest
-from eagle3.data.pipeline import (
-    DiskBudgetError,
-    feature_shards,
-    load_token_samples,
-    load_vocab,
-    run_data,
-)
+from eagle3.data.pipeline import run_data
+from eagle3.data.reader import feature_shards, load_token_samples
+from eagle3.data.vocab import load_vocab
 from eagle3.fetch import sha256_file
 
 pytestmark = pytest.mark.slow

@@ -7,10 +7,10 @@ import json
 import pytest
 
 from eagle3.config import build_recipe
+from eagle3.data.manifest import SourceEntry
 from eagle3.data.sources import (
     Skip,
     SourceError,
-    SourceInfo,
     iter_conversations,
     iter_json_array,
     load_conversations,
@@ -60,13 +60,13 @@ def test_cut_off_json_array_streams_complete_records(tmp_path, chunk):
     cut = text[: text.index('"c4"') + 10]  # mid-record, like the packaged ShareGPT file
     path = tmp_path / "cut.json"
     path.write_text(cut)
-    info = SourceInfo(name="s", path=str(path))
+    info = SourceEntry(name="s", path=str(path))
     recs = [r for _, r in iter_json_array(path, info, chunk=chunk)]
     assert [r["id"] for r in recs] == ["c0", "c1", "c2", "c3"]
     assert info.truncated
     full = tmp_path / "full.json"
     full.write_text(text)
-    info2 = SourceInfo(name="s", path=str(full))
+    info2 = SourceEntry(name="s", path=str(full))
     assert len(list(iter_json_array(full, info2, chunk=chunk))) == 5
     assert not info2.truncated
 
@@ -133,7 +133,7 @@ def test_jsonl_shapes_and_bad_records(tmp_path):
 def test_hf_dataset_from_local_file(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in _sharegpt_records(3)))
-    info = SourceInfo(name="hfd", path=str(path), format="hf")
+    info = SourceEntry(name="hfd", path=str(path), format="hf")
     items = list(iter_conversations(info))
     assert [c.id for c in items] == ["hfd:c0", "hfd:c1", "hfd:c2"]
     assert not any(isinstance(c, Skip) for c in items)

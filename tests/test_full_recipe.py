@@ -15,7 +15,7 @@ from test_data_pipeline import make_recipe, source  # noqa: F401  (the source fi
 from eagle3.cli import main as cli_main
 from eagle3.config import ConfigError, build_recipe
 from eagle3.data.manifest import read_manifest
-from eagle3.data.pipeline import load_token_samples
+from eagle3.data.reader import load_token_samples
 from eagle3.data.stages import combined_digest, data_stages, mixed_dirs, training_digest
 from eagle3.models.checkpoint import read_config
 from eagle3.train.trainer import conversation_id, run_training

@@ -10,7 +10,8 @@ import torch
 from eagle3.config import TargetConfig
 from eagle3.models.checkpoint import check_checkpoint, save_draft
 from eagle3.models.draft import DraftConfig, Eagle3Draft
-from eagle3.models.target import Target, build_tiny_target, load_target
+from eagle3.models.target import Target, load_target
+from eagle3.models.target_weights import build_tiny_target
 
 pytestmark = pytest.mark.slow
 

@@ -80,7 +80,7 @@ def labels(target, samples, t2d) -> list[int]:
 
 
 def test_tiny_training_beats_unigram(trained, tiny_target):
-    from eagle3.data.pipeline import load_token_samples
+    from eagle3.data.reader import load_token_samples
     from eagle3.train.batching import collate
     from eagle3.train.inputs import step_inputs, target_hidden
     from eagle3.train.ttt import TTT, summarize

@@ -273,9 +273,9 @@ def _fake_venv(tmp_path: Path, cpu: bool = True) -> Path:
 
 def test_no_venv_bad_port_and_head_dim_are_named_before_launch(vrecipe, tmp_path, monkeypatch):
     from eagle3.config import load_recipe
-    from eagle3.models.target import target_hf_dir
+    from eagle3.models.target import TargetSource
 
-    model = str(target_hf_dir(vrecipe.target, vrecipe.cache_path))
+    model = str(TargetSource.for_recipe(vrecipe).hf_dir())
     monkeypatch.setenv("EAGLE3_VLLM_VENV", str(tmp_path / "nowhere"))
     with pytest.raises(vs.VLLMSetupError, match=r"no vLLM venv: .*nowhere.*make vllm"):
         vs.start_vllm(vs.ServerSpec(model=model), state_dir=tmp_path)
@@ -292,7 +292,8 @@ def test_no_venv_bad_port_and_head_dim_are_named_before_launch(vrecipe, tmp_path
 
     # The default tiny target has 4 heads of 16: vLLM's CPU attention refuses it (at the first
     # request, after a start that looks healthy), so it is refused here, by name.
-    tiny16 = target_hf_dir(load_recipe(ROOT / "configs" / "tiny.yaml").target, vrecipe.cache_path)
+    tiny = load_recipe(ROOT / "configs" / "tiny.yaml").target
+    tiny16 = TargetSource.of(tiny, vrecipe.cache_path).hf_dir()
     with pytest.raises(vs.VLLMSetupError, match=r"config.json: head_dim 16 is not supported"):
         vs.start_vllm(vs.ServerSpec(model=str(tiny16)), state_dir=tmp_path)
     # A draft dir that is not there: vLLM would take it for a hub id and fail minutes later.
@@ -328,10 +329,10 @@ def test_cli_serve_without_venv_exits_2_naming_it(monkeypatch, tmp_path, capsys)
 def test_a_server_that_dies_during_start_reports_its_log(vrecipe, tmp_path):
     """A real vLLM launch on a model it cannot serve: the error quotes the cause and the log."""
     _need_venv()
-    from eagle3.models.target import target_hf_dir
+    from eagle3.models.target import TargetSource
 
     model = tmp_path / "bad-model"
-    shutil.copytree(target_hf_dir(vrecipe.target, vrecipe.cache_path), model)
+    shutil.copytree(TargetSource.for_recipe(vrecipe).hf_dir(), model)
     cfg = json.loads((model / "config.json").read_text())
     cfg["architectures"] = ["NoSuchModelForCausalLM"]
     (model / "config.json").write_text(json.dumps(cfg))

@@ -6,17 +6,31 @@ would cost ~85x more disk for a 49k vocabulary). One shard holds many samples, c
 the token axis, with `offsets` marking where each sample starts.
 
 Token shards (the same layout without `aux`/`last_hidden`) hold the TokenSamples of online training.
+A data stage writes one train and one val feature file per token shard (`write_feature_shards`),
+each keyed like every shard (eagle3.data.shards), after checking the disk they need.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from eagle3.data.samples import TokenSample
+
+if TYPE_CHECKING:
+    from eagle3.data.manifest import FeaturesInfo, Shard
+
+log = logging.getLogger(__name__)
+
+
+class DiskBudgetError(ValueError):
+    """The feature shards would need more disk than data.max_disk_gb allows."""
 
 
 @dataclass
@@ -31,7 +45,8 @@ class FeatureSample:
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
+    """One safetensors file with string metadata, atomically (temp file + rename)."""
     from safetensors.torch import save_file
 
     from eagle3.io import atomic_path
@@ -66,7 +81,7 @@ def write_shard(
     tensors["aux"] = torch.cat([s.aux.cpu() for s in samples]).to(dtype)
     tensors["last_hidden"] = torch.cat([s.last_hidden.cpu() for s in samples]).to(dtype)
     meta = {**(metadata or {}), "sample_ids": json.dumps([s.sample_id for s in samples])}
-    _save_atomic(tensors, Path(path), meta)
+    save_tensors(tensors, Path(path), meta)
     return len(samples)
 
 
@@ -75,7 +90,7 @@ def write_token_shard(
 ) -> int:
     """TokenSamples (ids + loss mask) into one safetensors shard, atomically; returns rows."""
     meta = {**(metadata or {}), "sample_ids": json.dumps([s.sample_id for s in samples])}
-    _save_atomic(_token_tensors(samples), Path(path), meta)
+    save_tensors(_token_tensors(samples), Path(path), meta)
     return len(samples)
 
 
@@ -106,6 +121,31 @@ def shard_metadata(path: str | Path) -> dict[str, str]:
 def bytes_per_token(target_hidden: int, dtype: str = "bfloat16") -> int:
     """Disk per token of a feature shard: aux [3Ht] + last_hidden [Ht] + int64 id + uint8 mask."""
     return 4 * target_hidden * DTYPES[dtype].itemsize + 8 + 1
+
+
+def check_disk(tokens: int, data, hidden: int, data_dir: Path) -> dict[str, Any]:
+    """Say the disk need of `tokens` tokens of features before writing them; refuse above
+    data.max_disk_gb (GB = 1e9 bytes) or above what is free. `data`: the recipe's data section."""
+    per = bytes_per_token(hidden, data.feature_dtype)
+    need = tokens * per
+    # Feature files already written (a resumed run) count as available: they get rewritten at most.
+    have = sum(p.stat().st_size for p in (data_dir / "features").glob("*.safetensors"))
+    free = shutil.disk_usage(data_dir).free + have
+    msg = (
+        f"feature shards need about {need / 1e9:.3f} GB ({tokens:,} tokens x {per:,} bytes/token "
+        f"at {data.feature_dtype}, target hidden {hidden}); data.max_disk_gb is "
+        f"{data.max_disk_gb:g}, {free / 1e9:.1f} GB free"
+    )
+    log.info(msg)
+    if need > data.max_disk_gb * 1e9:
+        raise DiskBudgetError(
+            f"refusing to write features: {msg}. Raise data.max_disk_gb, lower "
+            "data.limit or data.max_len, or use train.features=online with "
+            "data.features=false"
+        )
+    if need > free:
+        raise DiskBudgetError(f"refusing to write features: {msg}, more than is free")
+    return {"bytes_per_token": per, "estimated_bytes": need, "max_disk_gb": data.max_disk_gb}
 
 
 @torch.inference_mode()
@@ -160,3 +200,57 @@ def read_shard(path: str | Path) -> list[FeatureSample]:
         )
         for sid, a, b in zip(ids, off[:-1], off[1:], strict=True)
     ]
+
+
+# --- a data stage's feature files ---------------------------------------------------------------------
+def write_feature_shards(
+    target,
+    identity: dict,
+    per_shard,
+    token_keys,
+    val: set[str],
+    data,
+    data_dir: Path,
+    progress,
+    emit,
+) -> tuple[FeaturesInfo, list[Shard]]:
+    """The train/val feature files of every token shard (`per_shard[i]`: its TokenSamples,
+    `token_keys[i]`: its key), after checking the disk they need; a file present with its current
+    key is kept. Returns the manifest's `features` and the files as its shard rows."""
+    from tqdm import tqdm
+
+    from eagle3.data.manifest import FeaturesInfo, Shard
+    from eagle3.data.shards import ShardPaths, feature_key
+
+    total = sum(len(s) for rows in per_shard for s in rows)
+    info = FeaturesInfo(
+        written=True,
+        dtype=data.feature_dtype,
+        **check_disk(total, data, target.hidden_size, data_dir),
+    )
+    if progress:
+        print(
+            f"features: about {info.estimated_bytes / 1e9:.3f} GB "
+            f"({total:,} tokens x {info.bytes_per_token:,} bytes/token)"
+        )
+    dtype, out = DTYPES[data.feature_dtype], []
+    for i in tqdm(range(len(per_shard)), desc="features", unit="shard", disable=not progress):
+        paths = ShardPaths.of(data_dir, i)
+        for part, rows in (
+            ("train", [s for s in per_shard[i] if s.sample_id not in val]),
+            ("val", [s for s in per_shard[i] if s.sample_id in val]),
+        ):
+            path = paths.features(part)
+            if not rows:
+                path.unlink(missing_ok=True)
+                continue
+            ids = [s.sample_id for s in rows]
+            key = feature_key(
+                token_keys[i], identity, target.aux_layer_ids, data.feature_dtype, ids
+            )
+            if shard_metadata(path).get("key") != key:
+                feats = extract_features(target, rows, data.batch_size, dtype)
+                write_shard(path, feats, dtype, metadata={"key": key})
+            out.append(Shard.of(f"features/{part}", path, data_dir, len(rows)))  # its sha256 now
+        emit({"stage": "features", "shard": i, "shards": len(per_shard)})
+    return info, out

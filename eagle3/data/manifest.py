@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ class TargetInfo(TargetIdentity):
 
 
 class SourceEntry(Contract):
-    """One data source and what was read from it (eagle3.data.sources.SourceInfo)."""
+    """One data source and what was read from it (resolved and counted by eagle3.data.sources)."""
 
     name: str
     path: str
@@ -52,6 +53,11 @@ class SourceEntry(Contract):
     kept: int = 0
     bad: int = 0
     truncated: bool = Field(default=False, description="the file ended mid-record")
+
+    def written(self) -> SourceEntry:
+        """The entry as the manifest holds it: every field that has a value, the zero counts
+        included (a local file has no sha256, package or note)."""
+        return SourceEntry.model_validate(self.model_dump(exclude_none=True))
 
 
 class SkippedSample(Contract):
@@ -68,10 +74,31 @@ class SamplesInfo(Contract):
     skipped_by_reason: dict[str, int]
     skipped_samples: list[SkippedSample]
 
+    @classmethod
+    def of(cls, conversations: int, samples, skipped, val: set[str]) -> SamplesInfo:
+        """`conversations` read (kept + skipped), the TokenSamples written, the Skips, val ids."""
+        reasons = Counter(s.reason.split(":")[0] for s in skipped)
+        return cls(
+            conversations=conversations,
+            written=len(samples),
+            train=len(samples) - len(val),
+            val=len(val),
+            skipped=len(skipped),
+            skipped_by_reason=dict(sorted(reasons.items())),
+            skipped_samples=[SkippedSample(id=s.id, reason=s.reason) for s in skipped],
+        )
+
 
 class TokensInfo(Contract):
     total: int
     trainable: int = Field(description="tokens under the loss mask")
+
+    @classmethod
+    def of(cls, samples) -> TokensInfo:
+        return cls(
+            total=int(sum(len(s) for s in samples)),
+            trainable=int(sum(int(s.loss_mask.sum()) for s in samples)),
+        )
 
 
 class RegenerationInfo(Contract):
@@ -88,6 +115,19 @@ class RegenerationInfo(Contract):
     turns_cut: int = 0
     errors: int = 0
 
+    @classmethod
+    def of(cls, data, stats) -> RegenerationInfo:
+        """`data`: the recipe's data section; `stats`: the summed RegenStats (its time is in
+        `timing`)."""
+        return cls(
+            enabled=data.regenerate,
+            backend=data.backend,
+            temperature=data.temperature,
+            max_new_tokens=data.max_new_tokens,
+            seed=data.seed,
+            **{k: v for k, v in stats.as_dict().items() if k != "seconds"},
+        )
+
 
 class VocabInfo(Contract):
     file: str
@@ -95,6 +135,17 @@ class VocabInfo(Contract):
     coverage: float = Field(description="share of trainable tokens the draft vocabulary covers")
     seen: int
     padded: int
+
+    @classmethod
+    def of(cls, vocab, file: str) -> VocabInfo:
+        """`vocab`: the DraftVocab written to `file` (relative to the data folder)."""
+        return cls(
+            file=file,
+            size=int(len(vocab.d2t)),
+            coverage=vocab.coverage,
+            seen=vocab.seen,
+            padded=vocab.padded,
+        )
 
 
 class FeaturesInfo(Contract):
@@ -110,6 +161,12 @@ class Shard(Contract):
     path: str = Field(description="relative to the data folder")
     rows: int
     sha256: str
+
+    @classmethod
+    def of(cls, kind: str, path: Path, data_dir: Path, rows: int) -> Shard:
+        return cls(
+            kind=kind, path=str(path.relative_to(data_dir)), rows=rows, sha256=io.sha256_file(path)
+        )
 
 
 class Split(Contract):
@@ -136,6 +193,15 @@ class DigestOf(Contract):
     val_ids: list[str]
     vocab_d2t_sha256: str
     features: FeatureIdentity | None = Field(description="null when no feature shards")
+
+    @classmethod
+    def of(cls, samples, val: set[str], vocab, features: FeatureIdentity | None) -> DigestOf:
+        return cls(
+            samples_sha256=samples_sha256(samples),
+            val_ids=sorted(val),
+            vocab_d2t_sha256=tensor_sha256(vocab.d2t),
+            features=features,
+        )
 
 
 class DataManifest(Contract):

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eagle3.data.manifest import SourceEntry
+
 # name -> (pip requirement, member inside the wheel, sha256 of the member, record format, note)
 BUILTIN_CATALOG: dict[str, dict[str, str]] = {
     "sharegpt": {
@@ -83,25 +85,6 @@ class EvalPrompt:
     turns: list[str]
 
 
-@dataclass
-class SourceInfo:
-    """What the manifest says about one source."""
-
-    name: str
-    path: str
-    sha256: str | None = None
-    package: str | None = None
-    format: str = "auto"
-    note: str | None = None
-    read: int = 0  # records read (good + bad)
-    kept: int = 0
-    bad: int = 0
-    truncated: bool = False  # the file ended mid-record (the tail was ignored)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
-
-
 # --- locating a source -------------------------------------------------------------------------------
 def catalog_entry(name: str, recipe=None) -> dict[str, Any]:
     """The recipe's `data.catalog` entry (wins) or the built-in one."""
@@ -120,7 +103,7 @@ def catalog_entry(name: str, recipe=None) -> dict[str, Any]:
 
 def resolve_source(
     name: str, path: str | None = None, fmt: str = "auto", recipe=None, cache: Path | None = None
-) -> SourceInfo:
+) -> SourceEntry:
     """Find the file behind a source: a local path, a catalog path, or a member of a pinned wheel."""
     if path is None:
         entry = catalog_entry(name, recipe)
@@ -133,7 +116,7 @@ def resolve_source(
             if cache is None and recipe is not None:
                 cache = recipe.cache_path
             file = wheel_member(entry["package"], entry["member"], entry.get("sha256"), cache)
-            return SourceInfo(
+            return SourceEntry(
                 name=name,
                 path=str(file),
                 sha256=entry.get("sha256"),
@@ -150,7 +133,7 @@ def resolve_source(
                 )
     if fmt != "hf" and not Path(path).exists():
         raise SourceError(f"data source {name!r}: {path} does not exist")
-    return SourceInfo(name=name, path=str(path), format=fmt)
+    return SourceEntry(name=name, path=str(path), format=fmt)
 
 
 # --- reading records -----------------------------------------------------------------------------------
@@ -162,7 +145,7 @@ def _open_text(path: str | Path):
 
 def iter_json_array(
     path: str | Path,
-    info: SourceInfo | None = None,
+    info: SourceEntry | None = None,
     chunk: int = 1 << 20,
     max_record: int = 256 << 20,
 ) -> Iterator[tuple[int, Any]]:
@@ -262,7 +245,7 @@ def _iter_hf(path: str, split: str | None) -> Iterator[tuple[int, Any]]:
     yield from enumerate(ds)
 
 
-def _records(info: SourceInfo, split: str | None) -> Iterator[tuple[int, Any]]:
+def _records(info: SourceEntry, split: str | None) -> Iterator[tuple[int, Any]]:
     fmt, path = info.format, info.path
     if fmt == "hf":
         yield from _iter_hf(path, split)
@@ -361,7 +344,9 @@ def _record_id(rec: Any, index: int) -> str:
     return str(index)
 
 
-def iter_conversations(info: SourceInfo, split: str | None = None) -> Iterator[Conversation | Skip]:
+def iter_conversations(
+    info: SourceEntry, split: str | None = None
+) -> Iterator[Conversation | Skip]:
     """Conversations of one source; bad records come out as Skips naming the sample id."""
     seen: set[str] = set()
     for index, rec in _records(info, split):
@@ -389,7 +374,7 @@ def iter_conversations(info: SourceInfo, split: str | None = None) -> Iterator[C
 class Loaded:
     conversations: list[Conversation] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
-    sources: list[SourceInfo] = field(default_factory=list)
+    sources: list[SourceEntry] = field(default_factory=list)
 
 
 def load_conversations(recipe, limit: int | None = None) -> Loaded:

@@ -4,7 +4,7 @@ the sources' own answers, `regenerate: false`).
 
 A mixed stage is the main data section with its own sources and regenerate setting; it keeps no
 held-out split (validation is the main stage's held-out samples) and mixes nothing itself. Each
-stage resumes on its own (shards, locks and keys as in eagle3.data.pipeline).
+stage resumes on its own (shards, locks and keys as in eagle3.data.shards).
 """
 
 from __future__ import annotations

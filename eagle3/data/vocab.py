@@ -1,12 +1,14 @@
 """The draft vocabulary: the Vd most frequent target tokens among trainable tokens.
 
 d2t holds offsets (target_id = draft_id + d2t[draft_id]); t2d marks the target ids that are in the
-draft vocabulary. Draft ids follow ascending target ids, as in the EAGLE-3 reference.
+draft vocabulary. Draft ids follow ascending target ids, as in the EAGLE-3 reference. On disk:
+`<data dir>/vocab.safetensors` (d2t, t2d; coverage, seen and padded as metadata).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -55,3 +57,32 @@ def build_draft_vocab(counts: torch.Tensor, draft_vocab_size: int) -> DraftVocab
     total = int(counts.sum())
     coverage = float(counts[ids].sum()) / total if total else 0.0
     return DraftVocab(d2t=d2t, t2d=t2d, coverage=coverage, seen=seen, padded=padded)
+
+
+VOCAB_FILE = "vocab.safetensors"
+
+
+def save_vocab(path: str | Path, vocab: DraftVocab) -> None:
+    """Write the vocabulary atomically (temp file + rename)."""
+    from eagle3.data.features import save_tensors
+
+    meta = {"coverage": repr(vocab.coverage), "seen": str(vocab.seen), "padded": str(vocab.padded)}
+    save_tensors({"d2t": vocab.d2t, "t2d": vocab.t2d}, Path(path), meta)
+
+
+def load_vocab(data_dir: str | Path) -> DraftVocab:
+    """The vocabulary of a finished data stage."""
+    from safetensors import safe_open
+
+    path = Path(data_dir) / VOCAB_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run `eagle3 data` first")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        return DraftVocab(
+            d2t=f.get_tensor("d2t"),
+            t2d=f.get_tensor("t2d").bool(),
+            coverage=float(meta["coverage"]),
+            seen=int(meta["seen"]),
+            padded=int(meta["padded"]),
+        )

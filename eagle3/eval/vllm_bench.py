@@ -56,9 +56,9 @@ def bench_servers(recipe, draft_dir, say) -> Iterator[tuple]:
 def _tokenizer(recipe):
     from transformers import AutoTokenizer
 
-    from eagle3.models.target import target_hf_dir
+    from eagle3.models.target import TargetSource
 
-    return AutoTokenizer.from_pretrained(target_hf_dir(recipe.target, recipe.cache_path))
+    return AutoTokenizer.from_pretrained(TargetSource.for_recipe(recipe).hf_dir())
 
 
 def _tally_spec(tally: _Tally, d: SpecCounters) -> None:
@@ -106,7 +106,7 @@ def run_vllm_bench(
 
 def _measure(recipe, draft_dir, sets, tok, servers, say, on_prompt) -> dict:
     from eagle3.infer.engine import encode_prompt
-    from eagle3.models.target import target_name
+    from eagle3.models.target import TargetSource
     from eagle3.ops.vllm_server import is_cpu_build, python_version_line
 
     ev = recipe.eval
@@ -179,7 +179,7 @@ def _measure(recipe, draft_dir, sets, tok, servers, say, on_prompt) -> dict:
     cpu = is_cpu_build()
     report = BenchReport(
         engine="vllm",
-        target=target_name(recipe.target),
+        target=TargetSource.of(recipe.target).name,
         draft=str(draft_dir),
         device=f"{'cpu' if cpu else 'cuda'} ({python_version_line()})",
         dtype=recipe.target.dtype,

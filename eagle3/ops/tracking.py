@@ -46,20 +46,12 @@ def slugify(text: str) -> str:
     return s or "model"
 
 
-def target_slug(recipe: Any) -> str:
-    """A stable name for the target from the recipe alone (no model load)."""
-    t = recipe.target
-    if t.kind == "tiny":
-        return "tiny-llama"
-    if t.kind == "embedded":
-        return "smollm2-135m-instruct"
-    path = str(t.path).rstrip("/")
-    name = Path(path).stem if t.kind == "gguf" else "-".join(path.split("/")[-2:])
-    return slugify(name)
-
-
 def registered_model_name(recipe: Any) -> str:
-    return recipe.tracking.registered_model or f"eagle3-{target_slug(recipe)}"
+    if recipe.tracking.registered_model:
+        return recipe.tracking.registered_model
+    from eagle3.models.target import TargetSource
+
+    return f"eagle3-{TargetSource.of(recipe.target).slug}"
 
 
 def git_commit() -> str:
@@ -294,10 +286,11 @@ def stage_run(tracker: Tracker, recipe: Any, name: str, parent_id=None, params=N
     """A (nested) MLflow run for one stage, yielding its id; FAILED if the stage raises, KILLED on
     Ctrl-C. Params (the flattened recipe) are logged on top-level runs unless `params` says."""
     from eagle3.config import flatten
+    from eagle3.models.target import TargetSource
 
     base = {
         "eagle3.stage": name,
-        "eagle3.target": target_slug(recipe),
+        "eagle3.target": TargetSource.of(recipe.target).slug,
         "eagle3.recipe": recipe.name,
         "git.commit": git_commit(),
     }

@@ -345,11 +345,11 @@ def spec_from_recipe(recipe, draft: str | Path | None, port: int | None = None) 
     """The server for a recipe's target (an HF dir: the dequantised one for embedded / gguf
     targets, the saved seeded model for tiny ones), with the head in `draft` when given."""
     from eagle3.heads import resolve_draft
-    from eagle3.models.target import target_hf_dir
+    from eagle3.models.target import TargetSource
 
     v = recipe.vllm
     return ServerSpec(
-        model=str(target_hf_dir(recipe.target, recipe.cache_path)),
+        model=str(TargetSource.for_recipe(recipe).hf_dir()),
         # absolute: the server runs in its state dir, where a relative path means nothing
         draft=str(resolve_draft(draft).resolve()) if draft else None,
         speculative_tokens=recipe.vllm_speculative_tokens,

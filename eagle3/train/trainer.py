@@ -66,7 +66,8 @@ def run_training(recipe: Recipe, progress: bool = True, callback: Callback | Non
             f"{manifest_path} does not exist: run `eagle3 data --config <recipe>` first"
         )
     manifest = DataManifest.model_validate_json(manifest_path.read_text())
-    from eagle3.data.pipeline import feature_shards, load_token_samples, load_vocab
+    from eagle3.data.reader import feature_shards, load_token_samples
+    from eagle3.data.vocab import load_vocab
 
     vocab = load_vocab(data_dir)
     offline = recipe.train.features == "offline"
@@ -111,7 +112,7 @@ def mixed_samples(
     ShardDataset per stage when `features`; digests). Each stage must share this run's target and
     chat template (and feature settings when `features`)."""
     from eagle3.data.manifest import DataManifest, read_manifest
-    from eagle3.data.pipeline import feature_shards, load_token_samples
+    from eagle3.data.reader import feature_shards, load_token_samples
 
     manifest = DataManifest.model_validate(manifest)
     out, digests = [], []
