@@ -59,8 +59,9 @@ class KVBuffer:
         batch dim may be left out at batch 1). Returns the layer's keys and values over
         [0, start + n) as views [batch, kv_heads, start + n, head_dim]. Commits nothing."""
         end = start + k.shape[-2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
+        # copy_ broadcasts a missing batch dim inside the kernel (`[...] = k` adds view + expand).
+        self.k[layer, :, :, start:end].copy_(k)
+        self.v[layer, :, :, start:end].copy_(v)
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def commit(self, n: int) -> None:
