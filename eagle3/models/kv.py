@@ -34,6 +34,10 @@ class KVBuffer:
         # K and V of every layer [layers, batch, kv_heads, capacity, head_dim]: views, re-made
         # whenever `buf` is replaced.
         self.k, self.v = self.buf[:, 0], self.buf[:, 1]
+        # Per layer [batch, kv_heads, capacity, head_dim]: a write indexes a Python list, not the
+        # tensor (one aten select fewer per write and per read, on every layer of every forward).
+        self.layer_k = [self.buf[i, 0] for i in range(self.buf.shape[0])]
+        self.layer_v = [self.buf[i, 1] for i in range(self.buf.shape[0])]
 
     @property
     def capacity(self) -> int:
@@ -60,9 +64,10 @@ class KVBuffer:
         [0, start + n) as views [batch, kv_heads, start + n, head_dim]. Commits nothing."""
         end = start + k.shape[-2]
         # copy_ broadcasts a missing batch dim inside the kernel (`[...] = k` adds view + expand).
-        self.k[layer, :, :, start:end].copy_(k)
-        self.v[layer, :, :, start:end].copy_(v)
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        lk, lv = self.layer_k[layer], self.layer_v[layer]
+        lk[:, :, start:end].copy_(k)
+        lv[:, :, start:end].copy_(v)
+        return lk[:, :, :end], lv[:, :, :end]
 
     def commit(self, n: int) -> None:
         """The n columns written after the committed prefix are now part of it."""
