@@ -121,7 +121,7 @@ def bench_dtype(dtype, ns, prefix, reps, compile, random_weights) -> list[dict]:
             "hf": hf_step,
             **({"hf_runner": lambda a=args: hf_runner.verify(*a)} if hf_runner else {}),
             **{k: (lambda r=r, a=args: r.verify(*a)) for k, r in runners.items()},
-            "fast_nolm": lambda t=toks, p=pos: fast.model(t, p, fast.cache, prefix, None, False),
+            "fast_nolm": lambda t=toks, p=pos: fast.model(t, p, fast.kv, prefix, None, False),
         }
         for fn in cases.values():  # warm-up (and compile) outside the timing
             fn()

@@ -281,5 +281,5 @@ def test_both_caches_hold_exactly_the_accepted_sequence(
     ref = Drafter(tiny_trained_head, tiny_target.embed)
     ref.extend(aux[:m], torch.tensor(seq[1 : m + 1]), 0)
     torch.testing.assert_close(
-        engine.drafter.cache.kv[..., :m, :], ref.cache.kv[..., :m, :], atol=1e-4, rtol=0
+        engine.drafter.cache.buf[..., :m, :], ref.cache.buf[..., :m, :], atol=1e-4, rtol=0
     )

@@ -6,11 +6,12 @@ had already stopped. Here a row that stops hands its slot to the next prompt rig
 decode step works on `batch_size` live answers until the queue runs dry; rows are then dropped, not
 carried.
 
-The batch cache is one preallocated K/V buffer per layer, [batch, kv_heads, capacity, head_dim],
-left-padded: every row's next token goes to the same column, padding is masked out, and each row has
-its own position ids. A new prompt is prefilled on its own (a batched prefill would pay for padding)
-and written right-aligned into the freed row. A step writes one column in place (HF's DynamicCache
-concatenates, i.e. copies the whole cache every step). Columns no row needs any more are trimmed.
+The batch cache is the preallocated KVBuffer (eagle3/models/kv.py) with one batch slot per row,
+[layers, 2, batch, kv_heads, capacity, head_dim], left-padded: every row's next token goes to the
+same column, padding is masked out, and each row has its own position ids. A new prompt is
+prefilled on its own (a batched prefill would pay for padding) and written right-aligned into the
+freed row. A step writes one column in place (HF's DynamicCache concatenates, i.e. copies the whole
+cache every step). Columns no row needs any more are trimmed.
 
 Greedy answers equal one-at-a-time `generate` (tests). Sampling uses one generator per prompt,
 seeded by the caller, so an answer does not depend on which prompts shared its batch.
@@ -23,35 +24,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import DynamicLayer
+
+from eagle3.models.hf_cache import BufferCache
+from eagle3.models.kv import KVBuffer
 
 HEADROOM = 128  # columns added when the buffer is full: one copy per 128 steps
 TRIM_AT = 64  # drop dead leading columns once there are this many (a copy of the cache)
-
-
-class SlotLayer(DynamicLayer):
-    """One layer's K/V in a preallocated buffer; `update` writes new columns in place."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, width: int):
-        super().__init__()
-        self.kb, self.vb, self.n = k, v, width
-        self.is_initialized = True
-        self.device = k.device
-        self._views()
-
-    def _views(self) -> None:
-        self.keys, self.values = self.kb[:, :, : self.n], self.vb[:, :, : self.n]
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        q = key_states.shape[-2]
-        self.kb[:, :, self.n : self.n + q] = key_states
-        self.vb[:, :, self.n : self.n + q] = value_states
-        self.n += q
-        self._views()
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.n
 
 
 class _Batch:
@@ -59,13 +38,11 @@ class _Batch:
 
     def __init__(self, layers_kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int, cap: int):
         k0 = layers_kv[0][0]  # [heads, L, d] of the first prompt: shapes and dtype
-        shape = (rows, k0.shape[0], cap, k0.shape[2])
-        self.layers = [
-            SlotLayer(k0.new_zeros(shape), k0.new_zeros(shape), 0) for _ in range(len(layers_kv))
-        ]
-        self.cache = Cache(layers=self.layers)
+        self.kv = KVBuffer(
+            len(layers_kv), k0.shape[0], k0.shape[2], cap, k0.dtype, k0.device, batch=rows
+        )
+        self.cache = BufferCache(self.kv)  # the model writes each step's column through this
         self.mask = torch.zeros(rows, cap, dtype=torch.long, device=k0.device)
-        self.width = 0
         self.next = torch.zeros(rows, dtype=torch.long, device=k0.device)
         self.pos = torch.zeros(rows, dtype=torch.long, device=k0.device)
         self.prompt = [-1] * rows  # which prompt each row answers (-1: free)
@@ -74,20 +51,18 @@ class _Batch:
     def cap(self) -> int:
         return self.mask.shape[1]
 
+    @property
+    def width(self) -> int:
+        """Columns in use (committed in the KV buffer)."""
+        return self.kv.length
+
     def _realloc(self, left: int, cap: int) -> None:
         """New buffers of `cap` columns; the live columns move right by `left`."""
         w = self.width
-        for la in self.layers:
-            for name in ("kb", "vb"):
-                old = getattr(la, name)
-                new = old.new_zeros((*old.shape[:2], cap, old.shape[3]))
-                new[:, :, left : left + w] = old[:, :, :w]
-                setattr(la, name, new)
-            la.n = w + left
-            la._views()
+        self.kv.resize(cap, shift=left)
         mask = self.mask.new_zeros((self.mask.shape[0], cap))
         mask[:, left : left + w] = self.mask[:, :w]
-        self.mask, self.width = mask, w + left
+        self.mask = mask
 
     def place(self, row: int, kv: list[tuple[torch.Tensor, torch.Tensor]], ids: list[int]) -> None:
         """Row `row` now answers prompt `ids`: its cache (all but the last token) right-aligned."""
@@ -97,21 +72,14 @@ class _Batch:
         w = self.width
         self.mask[row, :w] = 0
         self.mask[row, w - n : w] = 1
-        for la, (k, v) in zip(self.layers, kv, strict=True):
-            la.kb[row, :, :w] = 0
-            la.vb[row, :, :w] = 0
-            if n:
-                la.kb[row, :, w - n : w] = k
-                la.vb[row, :, w - n : w] = v
+        self.kv.write_slot(row, kv)
         self.next[row] = ids[-1]
         self.pos[row] = n
 
     def keep(self, rows: list[int]) -> None:
         """Only these rows stay in the batch (the others are done and nothing waits)."""
         idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
-        for la in self.layers:
-            la.kb, la.vb = la.kb.index_select(0, idx), la.vb.index_select(0, idx)
-            la._views()
+        self.kv.select(idx)
         self.mask = self.mask.index_select(0, idx)
         self.next, self.pos = self.next[idx], self.pos[idx]
         self.prompt = [self.prompt[r] for r in rows]
@@ -121,22 +89,17 @@ class _Batch:
         live = self.mask[:, : self.width].any(0).nonzero()
         first = int(live[0]) if live.numel() else self.width
         if first >= TRIM_AT:
-            w = self.width
-            for la in self.layers:
-                la.kb = la.kb[:, :, first:].contiguous()
-                la.vb = la.vb[:, :, first:].contiguous()
-                la.n = w - first
-                la._views()
+            self.kv.trim(first)
             self.mask = self.mask[:, first:].contiguous()
-            self.width = w - first
 
     def step(self, model) -> torch.Tensor:
         """One decode step for every row; the last-position logits [rows, V] in float32."""
-        if self.width + 1 > self.cap:
-            self._realloc(0, self.width + HEADROOM)
+        w = self.width
+        if w + 1 > self.cap:
+            self._realloc(0, w + HEADROOM)
         rows = self.mask.shape[0]
         ones = self.mask.new_ones((rows, 1))
-        attn = torch.cat([self.mask[:, : self.width], ones], dim=1)
+        attn = torch.cat([self.mask[:, :w], ones], dim=1)
         out = model(
             input_ids=self.next[:, None],
             attention_mask=attn,
@@ -144,8 +107,8 @@ class _Batch:
             cache=self.cache,
             use_cache=True,
         )
-        self.mask[:, self.width] = 1
-        self.width += 1
+        self.kv.commit(1)
+        self.mask[:, w] = 1
         self.pos += 1
         return out.logits[:, -1].float()
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from eagle3.models.kv import KVBuffer
+
 
 @dataclass
 class Tree:
@@ -45,40 +47,11 @@ class Tree:
         return [self.mask[leaf].nonzero().flatten().tolist() for leaf in leaves]
 
 
-class DraftCache:
-    """The draft layer's KV for the accepted prefix, preallocated; tree rows live past `length`.
-
-    Tree rows are written after the prefix and forgotten by not advancing `length`: no copies.
-    """
-
-    def __init__(self, draft, capacity: int = 1024):
-        c = draft.config
-        p = draft.fc.weight
-        self.kv = torch.zeros(
-            2, 1, c.num_key_value_heads, capacity, c.head_dim, dtype=p.dtype, device=p.device
-        )
-        self.length = 0
-
-    def reset(self) -> None:
-        self.length = 0
-
-    def reserve(self, n: int) -> None:
-        need = self.length + n
-        if need > self.kv.shape[3]:
-            new = self.kv.new_zeros(
-                *self.kv.shape[:3], max(need, 2 * self.kv.shape[3]), self.kv.shape[4]
-            )
-            new[:, :, :, : self.length] = self.kv[:, :, :, : self.length]
-            self.kv = new
-
-    def write(
-        self, start: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store rows at [start, start + n); return keys/values [1, nkv, start + n, d]."""
-        end = start + k.shape[2]
-        self.kv[0, :, :, start:end] = k
-        self.kv[1, :, :, start:end] = v
-        return self.kv[0, :, :, :end], self.kv[1, :, :, :end]
+def draft_cache(draft, capacity: int = 1024) -> KVBuffer:
+    """The draft layer's KV for the accepted prefix (one layer, batch 1). Tree rows are written
+    past `length` and forgotten by not committing them: no copies."""
+    c, p = draft.config, draft.fc.weight
+    return KVBuffer(1, c.num_key_value_heads, c.head_dim, capacity, p.dtype, p.device)
 
 
 class Drafter:
@@ -87,7 +60,7 @@ class Drafter:
     def __init__(self, draft, embed, capacity: int = 1024):
         self.draft = draft
         self.embed = embed  # target token ids [..] -> embeddings [.., H]
-        self.cache = DraftCache(draft, capacity)
+        self.cache = draft_cache(draft, capacity)
         self.h_last: torch.Tensor | None = None  # pre-norm output of the last prefix row [H]
 
     def reset(self) -> None:
@@ -110,11 +83,11 @@ class Drafter:
         hidden = d.fuse(aux)[None]
         pos = torch.arange(start_pos, start_pos + m, device=hidden.device)[None]
         q, k, v = d.qkv(self.embed(next_ids)[None], hidden, pos)
-        keys, values = c.write(start_pos, k, v)
+        keys, values = c.write(0, start_pos, k, v)
         # m == 1 sees the whole prefix (mask None); several rows are causal among themselves.
         out = _attend(q, keys, values, None)
         h = d.finish(out, hidden)
-        c.length += m
+        c.commit(m)
         self.h_last = h[0, -1]
 
     @torch.no_grad()
@@ -148,7 +121,7 @@ class Drafter:
             start = root_pos + (level - 1) * top_k
             pos = torch.full((1, top_k), root_pos + level - 1, device=dev)
             q, k, v = d.qkv(self.embed(ids)[None], hidden[None], pos)
-            keys, values = c.write(start, k, v)
+            keys, values = c.write(0, start, k, v)
             allowed = torch.ones(top_k, start + top_k, dtype=torch.bool, device=dev)
             allowed[:, root_pos:] = fmask
             out = d.finish(_attend(q, keys, values, allowed), hidden[None])[0]  # [k, H]

@@ -1,6 +1,7 @@
 """A compact Llama / Qwen2 / Qwen3 forward over a loaded HF model's weights, for speculative decoding.
 
-In the style of gpt-fast: one flat loop over the layers, a preallocated static KV cache, and an
+In the style of gpt-fast: one flat loop over the layers, a preallocated static KV cache (the
+KVBuffer of eagle3/models/kv.py, shared with the HF runner and the regeneration decoder), and an
 arbitrary boolean attention mask over (cached prefix + new rows), so that one call verifies a whole
 draft TREE. It computes what the HF model computes (same RoPE tables, same RMSNorm, same op order
 in the residual stream); `tests/test_fast_llama.py` checks logits and aux features against HF.
@@ -33,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from eagle3.models.kv import KVBuffer
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 # RoPE types whose frequencies depend on the sequence length seen so far: we call the HF rotary
@@ -94,28 +97,6 @@ class LayerWeights:
             wd=w(m.down_proj),
             bd=b(m.down_proj),
         )
-
-
-class StaticKVCache:
-    """K and V for every layer in one preallocated tensor [2, layers, kv_heads, max_len, head_dim].
-
-    Slots are rows of the cache, not positions: a tree verify writes its n rows at slots
-    [len, len+n) whatever their position ids, and `compact` moves the accepted ones down.
-    One tensor for K and V of all layers lets `compact` be a single gather + scatter.
-    """
-
-    def __init__(self, layers, kv_heads, max_len, head_dim, dtype, device):
-        self.kv = torch.zeros(2, layers, kv_heads, max_len, head_dim, dtype=dtype, device=device)
-        self.k, self.v = self.kv[0], self.kv[1]
-        self.max_len = max_len
-
-    def compact(self, start: int, rows: torch.Tensor) -> None:
-        """Slots start+rows[i] -> start+i for all layers (in place; only len(rows) slots move)."""
-        k = rows.numel()
-        src = rows.to(self.kv.device) + start
-        dst = torch.arange(start, start + k, device=self.kv.device)
-        # index_select materialises the moved rows first, so any order of `rows` is safe.
-        self.kv.index_copy_(3, dst, self.kv.index_select(3, src))
 
 
 def _rms_norm_hf(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -184,12 +165,14 @@ class FastLlama:
         h = self.head_dim // 2
         return torch.cat((-sin[..., :h], sin[..., h:]), dim=-1)
 
-    def new_cache(self, max_len: int | None = None) -> StaticKVCache:
-        return StaticKVCache(
+    def new_cache(self, max_len: int | None = None) -> KVBuffer:
+        """The KV buffer this forward writes (eagle3/models/kv.py): batch 1, all layers in one
+        tensor, so keeping a tree's accepted rows is a single gather + scatter."""
+        return KVBuffer(
             len(self.layers),
             self.n_kv,
-            max_len or self.max_len,
             self.head_dim,
+            max_len or self.max_len,
             self.dtype,
             self.device,
         )
@@ -210,12 +193,12 @@ class FastLlama:
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        cache: StaticKVCache,
+        cache: KVBuffer,
         start: int,
         mask: torch.Tensor | None = None,
         logits_rows: slice | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """n new tokens written to cache slots [start, start+n), attending to slots [0, start+n).
+        """n new tokens written to cache columns [start, start+n), attending to [0, start+n).
 
         mask: bool [n, start+n], True where row j may attend to slot i. None means causal over the
         new rows (every row sees the whole cached prefix). Each row must see at least itself.
@@ -224,8 +207,8 @@ class FastLlama:
         """
         n = input_ids.shape[0]
         end = start + n
-        if end > cache.max_len:
-            raise ValueError(f"KV cache full: {start} + {n} > max_len {cache.max_len}")
+        if end > cache.capacity:
+            raise ValueError(f"KV cache full: {start} + {n} > capacity {cache.capacity}")
         nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
         gqa = nh != nkv
         cos, sin = self._rope_tables(position_ids)
@@ -250,13 +233,13 @@ class FastLlama:
             # rotate_half(x) * sin == roll(x, d/2) * [-sin, sin], exactly.
             q = q * cos + q.roll(half, -1) * sin
             k = k * cos + k.roll(half, -1) * sin
-            cache.k[i, :, start:end] = k.transpose(0, 1)
-            cache.v[i, :, start:end] = v.transpose(0, 1)
+            # In place at [start, end); keys/values come back as views [1, kv_heads, end, d].
+            keys, values = cache.write(i, start, k.transpose(0, 1), v.transpose(0, 1))
             # 4-D [1, heads, rows, d]: the fused CPU flash kernel (3-D falls back to `math`).
             o = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None],
-                cache.k[i, :, :end][None],
-                cache.v[i, :, :end][None],
+                keys,
+                values,
                 attn_mask=mask,
                 is_causal=causal,
                 scale=self.scale,
