@@ -205,7 +205,7 @@ def _serve_foreground(srv) -> int:
     import signal
     import time
 
-    from eagle3.ops.stack import _tail
+    from eagle3.ops.procs import tail as _tail
     from eagle3.ops.vllm_server import failure_cause
 
     def stop(*_):
@@ -577,6 +577,7 @@ def _is_bad_input(e: Exception) -> bool:
         "OutsideScope",
         "HeadError",
         "ReleaseError",
+        "SettingsError",
     }
     return isinstance(e, ConfigError) or type(e).__name__ in names
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from eagle3.ops import stack as st
+from eagle3.ops import storage
 
 pytestmark = pytest.mark.integration
 
@@ -76,7 +77,7 @@ def test_stack_up_status_down(tmp_path, monkeypatch):
         assert env["AWS_ENDPOINT_URL_S3"] == f"http://127.0.0.1:{ports['s3']}"
         assert oct((state / "stack.env").stat().st_mode & 0o777) == "0o600"
         # the bucket (MLflow's artifact destination) exists and takes the generated keys
-        s3 = st.s3_client(s.s3_url, s.access_key, s.secret_key)
+        s3 = storage.client(s.s3_settings())
         s3.head_bucket(Bucket=env["EAGLE3_S3_BUCKET"])
 
         # idempotent: a second `up` reuses the same processes
