@@ -25,7 +25,8 @@ class Settings(BaseSettings):
     )
 
     home: Path = Field(
-        Path(".eagle3"), description="local state: the sqlite registry fallback, gate decisions"
+        Path(".eagle3"),
+        description="the fallback MLflow store (sqlite) when no tracking URI is set",
     )
     stack_dir: Path = Field(
         Path(".eagle3/stack"), description="`eagle3 stack` state: stack.env, stack.json, logs"
