@@ -115,7 +115,7 @@ def test_stack_env_format_is_plain_key_value_lines_and_private(tmp_path):
         text=True,
     ).stdout.split()
     assert out == ["s3cr-et_X", "http://127.0.0.1:4201/api"]
-    assert not list(tmp_path.glob(".stack.env*"))  # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stack.env"]  # no temp file left
 
 
 def test_a_hand_edited_env_file_still_reads(tmp_path):
