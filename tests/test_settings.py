@@ -22,7 +22,7 @@ def test_every_variable_is_documented_in_the_contracts():
 
 def test_no_module_reads_an_eagle3_variable_itself():
     """One place reads them: a new os.environ read of EAGLE3_* would bypass types and docs."""
-    pattern = re.compile(r"environ(\.get)?[\[(]\s*['\"]EAGLE3_")
+    pattern = re.compile(r"(environ(\.get)?|getenv)[\[(]\s*f?['\"]EAGLE3_")
     offenders = [
         str(p.relative_to(ROOT))
         for folder in ("eagle3", "flows")
