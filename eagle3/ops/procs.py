@@ -114,6 +114,28 @@ def _signal_all(procs: list[psutil.Process], kill: bool) -> None:
             p.kill() if kill else p.terminate()
 
 
+def _running(p: psutil.Process) -> bool:
+    """A zombie has ended (reaped here if it is our child): an init that does not reap (some
+    containers) must not make a stop wait out its grace."""
+    try:
+        if not p.is_running():  # gone, or its pid reused by another process
+            return False
+        if p.status() != psutil.STATUS_ZOMBIE:
+            return True
+    except psutil.Error:
+        return False
+    _reap(p.pid)
+    return False
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Those of `procs` still running after at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while (alive := [p for p in procs if _running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
 def stop_pid(pid: int, marker: str | None, grace: float = 15.0) -> bool:
     """Stop a server we started: SIGTERM to the leader `pid`, its descendants and its process
     group, SIGKILL to whatever is left after `grace` seconds. False if it was not running."""
@@ -123,13 +145,13 @@ def stop_pid(pid: int, marker: str | None, grace: float = 15.0) -> bool:
         return False
     family = _family(pid)
     _signal_all(family, kill=False)
-    _, alive = psutil.wait_procs(family, timeout=grace)  # reaps our own child too
+    alive = _wait_gone(family, grace)
     _signal_all(alive, kill=True)
-    psutil.wait_procs(alive, timeout=5)
+    _wait_gone(alive, 5)
     # Children that a dying server forked meanwhile (uvicorn workers) are still in its group.
-    late = _group(pid)
+    late = [p for p in _group(pid) if _running(p)]
     _signal_all(late, kill=True)
-    psutil.wait_procs(late, timeout=5)
+    _wait_gone(late, 5)
     return True
 
 
