@@ -36,10 +36,21 @@ def _orphans(members: list[int], leader: int) -> list[int]:
     return out
 
 
+def _settled(members: list[int], leader: int) -> bool:
+    """The leader, its background sleep and the orphaned one; the subshell gone (not a zombie)."""
+    try:
+        zombies = [p for p in members if psutil.Process(p).status() == psutil.STATUS_ZOMBIE]
+    except psutil.Error:
+        return False
+    return len(members) == 3 and not zombies and len(_orphans(members, leader)) == 1
+
+
 def test_pid_alive_checks_the_marker_and_sees_through_zombies():
     assert procs.pid_alive(os.getpid())
     assert not procs.pid_alive(None) and not procs.pid_alive(0)
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "marker-42"])
+    code = "import time; print('ready', flush=True); time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", code, "marker-42"], stdout=subprocess.PIPE)
+    assert child.stdout.readline() == b"ready\n"  # exec'd: its own command line shows
     try:
         assert procs.pid_alive(child.pid, "marker-42")
         assert not procs.pid_alive(child.pid, "marker-43")  # a recycled pid is not ours
@@ -53,6 +64,7 @@ def test_pid_alive_checks_the_marker_and_sees_through_zombies():
     assert not procs.pid_alive(child.pid)
     assert procs.exited(child.pid)
     child.wait()
+    child.stdout.close()
 
 
 def test_stop_pid_stops_the_tree_and_the_orphans_of_its_group():
@@ -61,7 +73,7 @@ def test_stop_pid_stops_the_tree_and_the_orphans_of_its_group():
     script = "(sleep 300 &) ; sleep 300 & wait"
     leader = subprocess.Popen(["bash", "-c", script, "tree-marker"], start_new_session=True)
     deadline = time.monotonic() + 10
-    while not _orphans(members := _group_pids(leader.pid), leader.pid) or len(members) != 3:
+    while not _settled(members := _group_pids(leader.pid), leader.pid):
         assert time.monotonic() < deadline, members  # the test really has a re-parented member
         time.sleep(0.05)
 
@@ -78,13 +90,19 @@ def test_stop_pid_stops_the_tree_and_the_orphans_of_its_group():
 
 
 def test_a_process_that_ignores_sigterm_is_killed_after_the_grace():
-    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"
-    p = subprocess.Popen([sys.executable, "-c", code, "stubborn"], start_new_session=True)
-    time.sleep(0.5)  # the handler is installed
+    code = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ready', flush=True); time.sleep(300)"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, "stubborn"], start_new_session=True, stdout=subprocess.PIPE
+    )
+    assert p.stdout.readline() == b"ready\n"  # SIGTERM is ignored from here on
     t0 = time.monotonic()
     assert procs.stop_pid(p.pid, "stubborn", grace=1)
     assert 1 <= time.monotonic() - t0 < 8
     assert not psutil.pid_exists(p.pid)
+    p.stdout.close()
 
 
 def test_port_free_and_a_block_of_free_ports():

@@ -136,10 +136,10 @@ def stack_up(
     If this fails or is interrupted, the servers it started are stopped (killed: their keepers
     stop them). Once the stack is healthy they are detached, unless `detach_servers` is False
     (tests: they then stop with this process)."""
-    d = state_dir(dir)
+    d, env_ports = state_dir(dir), _env_ports()  # a malformed variable stops it before any work
     d.mkdir(parents=True, exist_ok=True)
     st = Stack.load(d)
-    want_ports = {**st.ports, **_env_ports(), **{k: int(v) for k, v in (ports or {}).items() if v}}
+    want_ports = {**st.ports, **env_ports, **{k: int(v) for k, v in (ports or {}).items() if v}}
     if bucket:
         st.bucket = bucket
     if not st.access_key:
