@@ -207,7 +207,7 @@ def _serve_foreground(srv) -> int:
     import signal
     import time
 
-    from eagle3.ops.stack import _tail
+    from eagle3.ops.procs import tail as _tail
     from eagle3.ops.vllm_server import failure_cause
 
     def stop(*_):
@@ -285,7 +285,7 @@ def cmd_stack(args) -> int:
     from eagle3.ops.stack import stack_command
 
     if args.action == "up":  # `down` and `status` must work whatever is installed
-        require_ops("prefect", "mlflow", "boto3", "cryptography")
+        require_ops("prefect", "mlflow", "boto3", "cryptography", "dotenv")
 
     ports = {"prefect": args.prefect_port, "mlflow": args.mlflow_port, "s3": args.s3_port}
     return stack_command(args.action, Path(args.state_dir) if args.state_dir else None, ports)
@@ -597,6 +597,7 @@ def _is_bad_input(e: Exception) -> bool:
         "OutsideScope",
         "HeadError",
         "ReleaseError",
+        "SettingsError",
     }
     return isinstance(e, ConfigError) or type(e).__name__ in names
 

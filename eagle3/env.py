@@ -20,10 +20,11 @@ def disable_telemetry() -> None:
 
 def cache_dir() -> Path:
     """Where downloaded wheels, converted models and data sets live (never in git)."""
-    root = os.environ.get("EAGLE3_CACHE") or os.path.join(
+    from eagle3.settings import settings
+
+    path = settings().cache or Path(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "eagle3"
     )
-    path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

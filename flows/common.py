@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from eagle3.env import disable_telemetry
+from eagle3.settings import settings
 
 disable_telemetry()
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -18,15 +19,15 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 ROOT = Path(__file__).resolve().parents[1]
 # Retry delays (seconds) for S3 and MLflow calls; short, because the local stack answers at once
 # or not at all. EAGLE3_RETRY_DELAY scales them (0 in tests that want fast faults).
-_DELAY = float(os.environ.get("EAGLE3_RETRY_DELAY", "1"))
+_DELAY = settings().retry_delay
 RETRY_DELAYS = [1 * _DELAY, 2 * _DELAY, 4 * _DELAY]
 
 
 def show_progress() -> bool:
     """Progress bars when a person watches (a terminal), not in workers, CI or tests."""
-    flag = os.environ.get("EAGLE3_PROGRESS")
+    flag = settings().progress
     if flag is not None:
-        return flag.lower() in ("1", "true", "yes")
+        return flag
     import sys
 
     return sys.stderr.isatty()
@@ -175,7 +176,7 @@ def ensure_gpu_limit(limit: int | None = None) -> None:
         from prefect import get_client
         from prefect.exceptions import ObjectNotFound
 
-        n = limit or int(os.environ.get("EAGLE3_GPU_SLOTS", "1"))
+        n = limit or settings().gpu_slots
         with get_client(sync_client=True) as client:
             try:
                 client.read_concurrency_limit_by_tag("gpu")

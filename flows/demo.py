@@ -199,7 +199,9 @@ def _summary(console, st, recipe, out: dict, inference, shipped, own_floor) -> N
         urls.add_row("  this run", out["mlflow_run_url"])
     if out.get("mlflow_model_url"):
         urls.add_row("  registered model", out["mlflow_model_url"])
-    bucket = os.environ.get("EAGLE3_S3_BUCKET", st.bucket)
+    from eagle3.settings import settings
+
+    bucket = settings().s3_bucket or st.bucket
     urls.add_row("S3 endpoint", f"{st.s3_url} (bucket {bucket}; keys in {st.env_path})")
     if out.get("s3_uri"):
         urls.add_row("  champion checkpoint", out["s3_uri"])

