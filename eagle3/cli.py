@@ -285,7 +285,7 @@ def cmd_stack(args) -> int:
     from eagle3.ops.stack import stack_command
 
     if args.action == "up":  # `down` and `status` must work whatever is installed
-        require_ops("prefect", "mlflow", "boto3", "cryptography", "dotenv")
+        require_ops("prefect", "mlflow", "boto3", "cryptography")
 
     ports = {"prefect": args.prefect_port, "mlflow": args.mlflow_port, "s3": args.s3_port}
     return stack_command(args.action, Path(args.state_dir) if args.state_dir else None, ports)

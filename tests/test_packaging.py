@@ -24,7 +24,6 @@ BLOCKED = (
     "botocore",
     "matplotlib",
     "cryptography",
-    "dotenv",
 )
 
 pytestmark = pytest.mark.unit
