@@ -5,6 +5,9 @@ environment (a stack server down, the MLOps extra `eagle3[ops]` not installed), 
 work. Every command but `pipeline` calls the library directly, without Prefect; `pipeline` checks
 its input and the stack, then runs `python -m flows` (the orchestration layer's entry) in a child
 process.
+
+One file over 400 lines because it is only argument parsing and one thin handler per command,
+each calling the library; no logic lives here.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 Unknown keys are rejected (extra="forbid") and every error names the offending key, so a typo in a
 recipe fails before any work starts.
+
+One file over 400 lines because the recipe is one schema: one small pydantic class per section,
+and the cross-section checks that need them all.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ a catalog of named sets that ship inside pinned PyPI wheels (the HF hub is not r
 Every record becomes a `Conversation` with OpenAI-style messages (`role` in system/user/assistant,
 `content`), or a `Skip` that names the sample id and the reason: bad input is counted and reported,
 never silently dropped, and never stops the run.
+
+One file over 400 lines because each input format is a small reader feeding one Conversation
+type, and the wheel catalog names them; chat templating is chat.py.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ in one process, so machine noise hits them alike and the ratios hold. mt_bench i
 second turn continues the conversation with the target's own greedy answer to the first (the HF
 generate output, so every decoder sees the same second prompt). At temperature 0 every eagle3
 output must equal HF generate's token for token (`lossless`).
+
+One file over 400 lines because every decoder must run back to back on each prompt in one loop,
+with its journal; the report type is report.py, its rendering render.py.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ A directory with config.json (LlamaConfig-shaped, architectures LlamaForCausalLM
 model.safetensors. It loads unchanged in SGLang and vLLM; `check_checkpoint` lists every way a
 directory departs from the contract. A speculators-format directory (speculators.py) is read and
 checked as well; layer variants we do not compute (variants.py) are refused by name.
+
+One file over 400 lines because save, load and check read the same contract (§3) and must not
+drift apart; the export formats are speculators.py and export.py.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@ its identity, slug, tokenizer, config) and the loaded model with aux-feature cap
 
 Aux features are the residual stream ENTERING three decoder layers (HF hidden_states indices),
 captured with forward pre-hooks so that only three layers' activations are kept, not all of them.
+
+One file over 400 lines because the source of a target and the loaded model share its identity
+and aux-layer rules; the weight files themselves live in target_weights.py.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ reconcile puts it back. So a failed promotion never leaves its version as the ch
 
 Each stage runs through `step(name, fn, *args)`: the CLI calls it directly, the Prefect flow as a
 task with retries. Stages are idempotent (a retried commit recognises its own promotion id).
+
+One file over 400 lines because promote, rollback and reconcile are one state machine over the
+same pointer and alias; splitting them would spread its invariants.
 """
 
 from __future__ import annotations

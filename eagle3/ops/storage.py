@@ -9,6 +9,9 @@ it. A prefix without a manifest is an unfinished upload that a retry completes; 
 other content or another registry's identity is never overwritten. Every object is read back and
 hashed before a pointer may name it; downloads are hashed before anyone loads them. The S3 keys
 are never logged: error messages name the endpoint, the bucket and the key, nothing else.
+
+One file over 400 lines because upload, commit, verify and download share the conditional-write
+and hashing rules of an immutable version; the pointer is champion.py.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Everything goes through an explicit `MlflowClient` and explicit run ids (no flue
 state), so Prefect tasks on any thread log to the right run. Tracking URI: the recipe's
 `tracking.uri`, else MLFLOW_TRACKING_URI, else `sqlite:///<home>/mlflow.db` (never the file store),
 where <home> is $EAGLE3_HOME or `.eagle3` in the working directory.
+
+One file over 400 lines because it is the one MLflow boundary: runs, dataset inputs, artifacts
+and the registry share the client and the naming (champion.py only catches its exception type).
 """
 
 from __future__ import annotations

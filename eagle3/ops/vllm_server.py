@@ -7,6 +7,9 @@ in its own process group, with its log under `.eagle3/vllm/`. It waits until bot
 that is taken, a head size the CPU attention refuses), `VLLMError` names the cause and quotes the
 tail of the log. `VLLMServer.stop()` stops exactly the process group it started (by pid).
 Only the standard library is imported here.
+
+One file over 400 lines because launch, health, preflight and stop of one server process are
+one lifecycle; the vLLM venv is vllm_env.py, the HTTP client infer/vllm_client.py.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ best-checkpoint selection, exact resume, and DDP / FSDP2 under torchrun.
 Outputs in the run dir: `draft/` (the portable checkpoint of the best validation step),
 `train_state/` (what resuming needs) and `train_metrics.json`. Metrics leave through a plain
 callback(step, {name: value}) so that flows can forward them to MLflow.
+
+One file over 400 lines because the loop, validation, best-checkpoint choice and resume share the
+run's state; the unroll and loss are ttt.py, state files state.py, torchrun dist.py.
 """
 
 from __future__ import annotations
