@@ -91,7 +91,7 @@ def artifacts_task(recipe, md: str, rows: list[dict]) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     from eagle3.models.target import TargetSource
-    from eagle3.ops.tracking import slugify
+    from eagle3.names import slugify
 
     key = slugify(f"eval-{TargetSource.of(recipe.target).slug}")
     create_markdown_artifact(

@@ -59,7 +59,7 @@ def promote_flow(
 def _artifact(model: str, lines: list[str]) -> None:
     from prefect.artifacts import create_markdown_artifact
 
-    from eagle3.ops.tracking import slugify
+    from eagle3.names import slugify
 
     md = f"# Champion of {model}\n\n" + "\n".join(f"- {x}" for x in lines) + "\n"
     create_markdown_artifact(markdown=md, key=slugify(f"promote-{model}"), description="promotion")

@@ -35,6 +35,7 @@ from eagle3.models.target_weights import (
     local_revision,
     tiny_llama_config,
 )
+from eagle3.names import slugify
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -363,7 +364,7 @@ class GgufSource(_PretrainedSource):
 
     @property
     def slug(self) -> str:
-        return _slugify(Path(str(self.cfg.path).rstrip("/")).stem)
+        return slugify(Path(str(self.cfg.path).rstrip("/")).stem)
 
     def hf_dir(self) -> Path:
         return gguf_model_dir(Path(self.cfg.path), self.cache)
@@ -380,7 +381,7 @@ class HFSource(_PretrainedSource):
 
     @property
     def slug(self) -> str:
-        return _slugify("-".join(str(self.cfg.path).rstrip("/").split("/")[-2:]))
+        return slugify("-".join(str(self.cfg.path).rstrip("/").split("/")[-2:]))
 
     def hf_dir(self) -> Path:
         return Path(self.cfg.path)
@@ -397,9 +398,3 @@ SOURCES: dict[str, type[TargetSource]] = {
 def load_target(cfg: TargetConfig, cache: Path | None = None) -> Target:
     """The target of a recipe's `target` section (TargetSource.of(cfg, cache).load())."""
     return TargetSource.of(cfg, cache).load()
-
-
-def _slugify(text: str) -> str:
-    from eagle3.ops.tracking import slugify
-
-    return slugify(text)

@@ -46,11 +46,6 @@ def tracking_uri(tracking_cfg: Any = None) -> str:
     return f"sqlite:///{h / 'mlflow.db'}"
 
 
-def slugify(text: str) -> str:
-    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return s or "model"
-
-
 def registered_model_name(recipe: Any) -> str:
     if recipe.tracking.registered_model:
         return recipe.tracking.registered_model
