@@ -60,16 +60,6 @@ def test_report_follows_the_contract(head_dir, capsys):
         "engine_time",
         "resumed_prompts",
     ]
-    assert {
-        "target",
-        "draft",
-        "device",
-        "dtype",
-        "threads",
-        "decoding",
-        "datasets",
-        "overall",
-    } <= set(report)
     assert report["device"] == "cpu" and report["dtype"] == "float32" and report["threads"] == 1
     d = report["decoding"]
     assert d == {

@@ -14,7 +14,6 @@ answered turn is skipped with the reason.
 
 from __future__ import annotations
 
-import re
 import time
 import zlib
 from collections.abc import Callable
@@ -288,7 +287,9 @@ def _client(endpoint: str, timeout: float):
 
 def _where(endpoint: str) -> str:
     """The endpoint for messages, without any user:password@ it carries."""
-    return re.sub(r"(://)[^/@\s]+@", r"\1", endpoint.rstrip("/"))
+    from eagle3.names import redact
+
+    return redact(endpoint.rstrip("/"), mask="")
 
 
 def _api_error(e: Exception) -> str:

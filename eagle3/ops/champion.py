@@ -97,7 +97,7 @@ def registry_id(place: Place) -> str:
 
 def bind_registry(place: Place) -> str:
     """Claim `<prefix>/<model>/` for this registry (first come), or refuse another one's."""
-    from eagle3.ops.tracking import redact
+    from eagle3.names import redact
 
     s3 = place.need_s3()
     rid = registry_id(place)

@@ -111,7 +111,7 @@ def fetch_version(place: Place, version: str, dest: Path) -> Path:
 
 def manifest_meta(place: Place, recipe, version: str, rid: str, candidate: dict) -> dict:
     from eagle3.config import flatten
-    from eagle3.ops.tracking import redact
+    from eagle3.names import redact
 
     mv = place.tracker.version(place.model, version)
     tags = dict(mv.tags)

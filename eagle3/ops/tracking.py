@@ -19,6 +19,8 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from eagle3.names import redact
+
 if TYPE_CHECKING:
     from eagle3.eval.report import BenchReport, VllmBlock
 
@@ -307,11 +309,6 @@ def stage_run(tracker: Tracker, recipe: Any, name: str, parent_id=None, params=N
         raise
     else:
         tracker.end_run(run_id, "FINISHED")
-
-
-def redact(text: str) -> str:
-    """Hide credentials embedded in URIs (scheme://user:secret@host -> scheme://***@host)."""
-    return re.sub(r"(://)[^/@\s]+@", r"\1***@", text)
 
 
 def _metric_key(k: str) -> str:
