@@ -74,7 +74,7 @@ def main() -> None:
     device = target.device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
 
-    rows = []
+    rows, extraction = [], None  # extraction: (tokens, seconds) of the one-time feature pass
     for mode in args.modes.split(","):
         draft = build_draft(recipe, target, vocab).to(device)
         ttt = TTT(draft, cfg.ttt_steps, cfg.step_weight, cfg.grad_checkpointing)
@@ -85,9 +85,14 @@ def main() -> None:
             dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
                 recipe.data.feature_dtype, torch.float32
             )
-            for b in batches:
+            ext_tokens, ext_s = 0, 0.0
+            for i, b in enumerate(batches):
+                t0 = time.perf_counter()
                 aux, last = target_hidden(target, b.to(device))
                 b.aux, b.last_hidden = aux.to(dt).cpu(), last.to(dt).cpu()
+                if i:  # the first is warmup, as below
+                    ext_tokens, ext_s = ext_tokens + b.tokens, ext_s + time.perf_counter() - t0
+            extraction = (ext_tokens, ext_s)
         times = {"target": 0.0, "draft": 0.0, "optimizer": 0.0}
         tokens = 0
         for i, batch in enumerate(batches):
@@ -129,6 +134,18 @@ def main() -> None:
         print(
             f"{mode:8} {tokens / busy:9.1f} {share['target']:6.1f}% {share['draft']:9.1f}% {share['optimizer']:5.1f}%"
         )
+    per_token = {mode: busy / tokens for mode, tokens, busy, _ in rows}
+    if extraction and extraction[0]:
+        ext = extraction[1] / extraction[0]  # seconds a token, paid once by the data stage
+        print(f"feature extraction (target forward to {recipe.data.feature_dtype}, no disk): "
+              f"{1 / ext:.1f} tok/s")  # fmt: skip
+        if {"online", "offline"} <= per_token.keys():
+            saved = per_token["online"] - per_token["offline"]
+            print(
+                f"offline pays back after {ext / saved:.2f} epochs"
+                if saved > 0
+                else "offline saves nothing per epoch here"
+            )
 
 
 if __name__ == "__main__":
