@@ -178,6 +178,17 @@ def _data_rows(facts: dict) -> list[str]:
     return rows
 
 
+def _micro_batch_size(tm: dict) -> str:
+    """What a step trained on: a micro-batch holds at least one packed row, so train.batch_tokens
+    below train.max_len means one row a step, and the tokens a step saw exceed batch_tokens."""
+    st, trained = tm.get("settings") or {}, (tm.get("data") or {}).get("train") or {}
+    tokens, batches = trained.get("tokens"), trained.get("micro_batches")
+    limits = f"train.batch_tokens {st.get('batch_tokens')}, rows of up to {st.get('max_len')}"
+    if not tokens or not batches:
+        return f"micro-batches of {limits}"
+    return f"{round(tokens / batches):,} tokens per micro-batch on average ({limits})"
+
+
 def _training_lines(facts: dict) -> list[str]:
     e, tm = facts["eagle3"], facts["train"]
     tr = e.get("train") or {}
@@ -193,8 +204,7 @@ def _training_lines(facts: dict) -> list[str]:
         f"({_n(trained.get('tokens'))} tokens), features "
         f"{tm.get('features')}, loss style {tm.get('loss_style', 'eagle3')}, "
         f"{e.get('train', {}).get('ttt_steps')} TTT steps; AdamW lr {st.get('lr')} with "
-        f"{st.get('warmup_ratio')} warmup then cosine to 0, {st.get('batch_tokens')} tokens per "
-        f"micro-batch.",
+        f"{st.get('warmup_ratio')} warmup then cosine to 0; {_micro_batch_size(tm)}.",
         "",
         f"This checkpoint is step {best.get('step', tr.get('step'))}, the best by "
         f"`{best.get('metric') or tr.get('best_metric')}` "

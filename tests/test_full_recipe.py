@@ -269,6 +269,9 @@ def test_release_writes_a_bf16_head_with_card_and_sums(released):
     assert "--draft tiny-head --datasets mt_bench --limit 1 --out bench.json" in card
     assert "| data | " in card and "| data-tf | " in card and "teacher-forced" in card
     assert f"{doc['total_steps']:,} optimizer steps" in card
+    trained = doc["data"]["train"]
+    per_step = round(trained["tokens"] / trained["micro_batches"])
+    assert f"{per_step:,} tokens per micro-batch on average" in card
     assert "Made by the test suite." in card
 
 
