@@ -7,7 +7,8 @@ Tokens are real (non-padding) positions of packed micro-batches; each optimizer 
 micro-batch. Shares: target (online: the target forward + lm_head/target distributions; offline:
 lm_head/target distributions only, the features come precomputed as the data stage writes them),
 draft forward+backward (the TTT unroll), optimizer (clip + AdamW). One warmup step is not timed.
-The samples are random token ids: the cost does not depend on the text.
+The samples are random token ids: the cost does not depend on the text. Last, the rate of the
+one-time feature extraction (the target forward alone) and the epochs after which offline pays back.
 """
 
 from __future__ import annotations
