@@ -52,6 +52,11 @@ def free_port_block(count: int, lo: int = 20000, hi: int = 45000) -> int:
     raise OSError("no block of free loopback ports found")
 
 
+def loopback_url(port: int) -> str:
+    """Every server we start listens on 127.0.0.1 only."""
+    return f"http://127.0.0.1:{port}"
+
+
 def http_ok(url: str, timeout: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (loopback only)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from eagle3.env import TELEMETRY_OFF
 from eagle3.ops import storage
-from eagle3.ops.procs import find_bin, http_ok, pid_alive, tcp_open, write_private
+from eagle3.ops.procs import find_bin, http_ok, loopback_url, pid_alive, tcp_open, write_private
 
 COMPONENTS = ("s3", "mlflow", "prefect")
 # The SeaweedFS services besides S3; each gets an http port and a gRPC port (http + 10000, which
@@ -56,20 +56,20 @@ class Stack:
     secret_key: str = field(default="", repr=False)
     pids: dict[str, int] = field(default_factory=dict)
 
+    def url(self, name: str) -> str:
+        return loopback_url(self.ports[name])
+
     @property
     def prefect_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['prefect']}"
+        return self.url("prefect")
 
     @property
     def mlflow_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['mlflow']}"
+        return self.url("mlflow")
 
     @property
     def s3_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['s3']}"
-
-    def url(self, name: str) -> str:
-        return {"s3": self.s3_url, "mlflow": self.mlflow_url, "prefect": self.prefect_url}[name]
+        return self.url("s3")
 
     def env(self) -> dict[str, str]:
         return {
@@ -120,8 +120,8 @@ class Stack:
             data = json.loads(st.json_path.read_text())
             st.ports.update(data.get("ports") or {})
             st.weed_base = data.get("weed_base")
-            st.bucket = data.get("bucket") or DEFAULT_BUCKET
-            st.region = data.get("region") or "us-east-1"
+            st.bucket = data.get("bucket") or st.bucket
+            st.region = data.get("region") or st.region
             st.access_key = data.get("access_key") or ""
             st.secret_key = data.get("secret_key") or ""
             st.pids = {k: int(v) for k, v in (data.get("pids") or {}).items() if v}

@@ -6,7 +6,7 @@ in its own process group, with its log under `.eagle3/vllm/`. It waits until bot
 /v1/models answer; if the process exits first, or a check before launch fails (no venv, a port
 that is taken, a head size the CPU attention refuses), `VLLMError` names the cause and quotes the
 tail of the log. `VLLMServer.stop()` stops exactly the process group it started (by pid).
-Only the standard library is imported here.
+Only the standard library and psutil (through eagle3/ops/procs.py) are imported here.
 
 One file over 400 lines because launch, health, preflight and stop of one server process are
 one lifecycle; the vLLM venv is vllm_env.py, the HTTP client infer/vllm_client.py.
@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from eagle3.ops.procs import http_ok, pid_alive, port_free, stop_pid, write_private
+from eagle3.ops.procs import http_ok, loopback_url, pid_alive, port_free, stop_pid, write_private
 from eagle3.ops.procs import tail as _tail
 from eagle3.ops.vllm_env import vllm_python, vllm_venv
 
@@ -211,7 +211,7 @@ class VLLMServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return loopback_url(self.port)
 
     @property
     def marker(self) -> str:
