@@ -14,6 +14,10 @@ template and sorted by length as the pipeline sorts them. Three ways to answer t
   a finished answer's slot refilled with the next prompt.
 Greedy decoding: all three produce the same tokens (checked). tokens/s counts generated tokens up to
 and including EOS; times include the prefills (the same work in every mode).
+
+The modes run `--rounds` times, interleaved: each round runs every mode once, in an order rotated
+by one per round, and the times add up, so no mode always runs first (cold) or last (warm or
+throttled). `--out FILE` writes the numbers with their provenance (commit, recipe, overrides).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ def main() -> None:
     )
     ap.add_argument("--max-prompt-tokens", type=int, default=384)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every mode")
+    ap.add_argument("--out", default=None, help="JSON report")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
@@ -94,13 +100,20 @@ def main() -> None:
         modes["one-at-a-time"] = lambda: [
             generate_static(target, [p], [n], 0.0, 0)[0] for p in prompts
         ]
-    tokens, seconds, outs = {}, {}, {}
-    for name, run in modes.items():
-        t = time.perf_counter()
-        outs[name] = run()
-        seconds[name] = time.perf_counter() - t
-        tokens[name] = sum(len(ids) for ids, _ in outs[name])
-        print(f"  {name}: {tokens[name]} tok in {seconds[name]:.1f} s", flush=True)
+    from eagle3.eval.bench import rotated
+
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: must be >= 1")
+    tokens, seconds, outs = dict.fromkeys(modes, 0), dict.fromkeys(modes, 0.0), {}
+    for i in range(args.rounds):
+        for name in rotated(list(modes), i):
+            t = time.perf_counter()
+            out = modes[name]()
+            dt = time.perf_counter() - t
+            seconds[name] += dt
+            tokens[name] += sum(len(ids) for ids, _ in out)
+            outs.setdefault(name, out)
+            print(f"  round {i + 1} {name}: {sum(len(x) for x, _ in out)} tok in {dt:.1f} s")
     first = next(iter(outs.values()))
     same = all(o == first for o in outs.values())
 
@@ -117,6 +130,32 @@ def main() -> None:
         x = rate[k] / rate[ref]
         print(f"{k:<16}{tokens[k]:>12}{seconds[k]:>10.1f}{rate[k]:>10.1f}{x:>17.2f}x")
     print(f"same greedy tokens in all modes: {same}")
+    if args.out:
+        from eagle3.eval.provenance import provenance
+        from eagle3.io import write_json_atomic
+
+        report = {
+            "target": target.name,
+            "device": describe_device(str(target.device)),
+            "threads": torch.get_num_threads(),
+            "prompts": len(prompts),
+            "max_new_tokens": n,
+            "rounds": args.rounds,
+            "tokens": tokens,
+            "seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "tokens_per_s": {k: round(v, 3) for k, v in rate.items()},
+            "same_tokens": same,
+            "provenance": provenance(
+                recipe,
+                {"recipe": args.config, "overrides": args.overrides},
+                args.prompts,
+                ["sharegpt"],
+                list(modes),
+            )
+            | {"order": "rotated per round"},
+        }
+        write_json_atomic(args.out, report)
+        print(f"report: {args.out}")
 
 
 if __name__ == "__main__":

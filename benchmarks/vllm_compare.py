@@ -52,7 +52,8 @@ def main() -> None:
 
     from eagle3.config import load_recipe
     from eagle3.data.sources import load_eval_prompts
-    from eagle3.eval.bench import _hf_generate
+    from eagle3.eval.bench import _hf_generate, rotated
+    from eagle3.eval.provenance import provenance
     from eagle3.eval.vllm_bench import bench_servers
     from eagle3.heads import resolve_draft
     from eagle3.infer.engine import SpecEngine, encode_prompt, load_engine
@@ -63,6 +64,7 @@ def main() -> None:
         f"vllm.speculative_tokens={args.k}",
         f"vllm.enforce_eager={not args.compiled}",
         "eval.temperature=0",
+        "eval.vllm_ngram=false",  # this script compares the head only: no ngram server
         *args.overrides,
     ]
     recipe = load_recipe(args.config, over, args.profile)
@@ -94,8 +96,8 @@ def main() -> None:
     chain_acc = [0] * args.k
     all_ids: list[list[int]] = []
     turns = 0
-    with bench_servers(recipe, args.draft, say) as (plain_srv, spec_srv):
-        plain, spec = VLLMClient(plain_srv.url), VLLMClient(spec_srv.url)
+    with bench_servers(recipe, args.draft, say) as started:
+        plain, spec = VLLMClient(started.plain.url), VLLMClient(started.head.url)
         warm = encode_prompt(tok, [{"role": "user", "content": "Hello!"}])
         for c in (plain, spec):
             c.complete(warm, 16)
@@ -107,18 +109,31 @@ def main() -> None:
             for text in p.turns:
                 messages.append({"role": "user", "content": text})
                 ids = encode_prompt(tok, messages)
-                ref, secs = _hf_generate(target, ids, max_new, 0.0, engine.cfg, None)
-                outs = {"hf_generate": (ref, secs)}
-                r = engine.generate(ids, temperature=0.0, max_new_tokens=max_new)
-                outs["eagle3"] = (r.tokens, r.timings["total"])
-                r = chain.generate(ids, temperature=0.0, max_new_tokens=max_new)
-                outs["eagle3_chain"] = (r.tokens, r.timings["total"])
+                calls = {
+                    "hf_generate": lambda ids=ids: _hf_generate(
+                        target, ids, max_new, 0.0, engine.cfg, None
+                    ),
+                    "eagle3": lambda ids=ids: engine.generate(
+                        ids, temperature=0.0, max_new_tokens=max_new
+                    ),
+                    "eagle3_chain": lambda ids=ids: chain.generate(
+                        ids, temperature=0.0, max_new_tokens=max_new
+                    ),
+                    "vllm": lambda ids=ids: plain.complete(ids, max_new),
+                    "vllm_eagle3": lambda ids=ids: spec.complete(ids, max_new),
+                }
+                # Back to back, in an order rotated by one per turn: none always runs first.
+                raw = {name: calls[name]() for name in rotated(list(calls), turns)}
+                outs = {"hf_generate": raw["hf_generate"]}
+                for name in ("eagle3", "eagle3_chain"):
+                    outs[name] = (raw[name].tokens, raw[name].timings["total"])
+                for name in ("vllm", "vllm_eagle3"):
+                    outs[name] = (raw[name].tokens, raw[name].seconds)
+                ref = outs["hf_generate"][0]
+                r = raw["eagle3_chain"]
                 chain_cycles += r.cycles
                 chain_emitted += sum(r.accept_lengths)
                 chain_acc = [a + b for a, b in zip(chain_acc, r.depth_accepts, strict=True)]
-                for name, client in (("vllm", plain), ("vllm_eagle3", spec)):
-                    c = client.complete(ids, max_new)
-                    outs[name] = (c.tokens, c.seconds)
                 for name, (toks, s) in outs.items():
                     tokens[name] += len(toks)
                     seconds[name] += s
@@ -136,7 +151,7 @@ def main() -> None:
         for name, client in (("vllm", plain), ("vllm_eagle3", spec)):
             outs, secs = complete_many(client, all_ids, max_new, args.concurrency)
             conc[name] = sum(len(o.tokens) for o in outs) / secs
-        starts = {"vllm": plain_srv.started_s, "vllm_eagle3": spec_srv.started_s}
+        starts = {"vllm": started.plain.started_s, "vllm_eagle3": started.head.started_s}
 
     tps = {k: round(tokens[k] / seconds[k], 3) for k in DECODERS}
     tau = chain_emitted / chain_cycles if chain_cycles else 0.0
@@ -179,6 +194,13 @@ def main() -> None:
             "our_chain_cycles": chain_cycles,
             "vllm_drafts": int(d.drafts),
         },
+        "provenance": provenance(
+            recipe,
+            {"recipe": args.config, "overrides": over},
+            args.prompts,
+            ["mt_bench"],
+            list(DECODERS),
+        ),
     }
     print(json.dumps(report, indent=2))
     if args.out:

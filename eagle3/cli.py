@@ -106,7 +106,14 @@ def cmd_bench(args) -> int:
 
     try:
         report = run_bench(
-            recipe, draft, datasets=datasets, limit=args.limit, progress=True, journal=journal
+            recipe,
+            draft,
+            datasets=datasets,
+            limit=args.limit,
+            progress=True,
+            journal=journal,
+            origin={"recipe": args.config, "overrides": list(args.overrides or [])},
+            resume_across_commits=args.resume_across_commits,
         )
     except (SourceError, VLLMSetupError) as e:  # an unknown data set name; no vLLM venv
         raise BadInput(str(e)) from None
@@ -467,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--journal", help="finished prompts, to resume a stopped run (default: OUT.prompts.json)"
     )
     p.add_argument("--fresh", action="store_true", help="ignore the journal: measure every prompt")
+    p.add_argument(
+        "--resume-across-commits",
+        action="store_true",
+        help="resume a journal written by another commit of the code (same settings and head)",
+    )
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser(

@@ -228,8 +228,10 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(default=256, ge=1)
     temperature: float = Field(default=0.0, ge=0.0)  # 0: greedy, and `lossless` is checked
     warmup: int = Field(default=1, ge=0)  # prompts decoded untimed by every decoder first
-    baselines: list[Literal["ar", "hf_generate", "hf_prompt_lookup"]] = Field(
-        default_factory=lambda: ["ar", "hf_generate", "hf_prompt_lookup"]
+    # lookup: our engine with its prompt-lookup branch and no head (eagle3/infer/lookup_decode.py).
+    # The gate compares the head with the fastest head-free decoder measured (promote.*headfree*).
+    baselines: list[Literal["ar", "hf_generate", "hf_prompt_lookup", "lookup"]] = Field(
+        default_factory=lambda: ["ar", "hf_generate", "hf_prompt_lookup", "lookup"]
     )
     prompt_lookup_num_tokens: int = Field(default=10, ge=1)
     threads: int | None = Field(default=None, ge=1)  # torch threads (None: torch's default)
@@ -239,6 +241,10 @@ class EvalConfig(Section):
     # Also decode every prompt with the prompt-lookup branch off (infer.lookup_tokens=0), so the
     # report shows what the head gives alone (`tree_only`) beside the head + lookup branch.
     tree_only: bool = False
+    # engine vllm: also serve vLLM's own model-free drafting (`method: ngram`, prompt lookup of
+    # up to vllm.speculative_tokens tokens, n-gram <= infer.lookup_ngram), a head-free decoder
+    # the head must beat; a server that cannot start is recorded as skipped, with its cause.
+    vllm_ngram: bool = True
 
 
 class VllmConfig(Section):
@@ -247,7 +253,7 @@ class VllmConfig(Section):
     # Draft tokens per verify step (vLLM proposes a chain). None: infer.depth.
     speculative_tokens: int | None = Field(default=None, ge=1)
     # Eager mode: SmolLM2 on 2 CPU cores started in ~40 s vs 100-230 s of torch.compile (never
-    # cached on this build) at the same speed (README, "vLLM on this CPU").
+    # cached on this build) at the same speed (docs/STACK-NOTES.md, "vLLM 0.32 on a CPU").
     enforce_eager: bool = True
     kv_cache_gib: int = Field(default=2, ge=1)  # VLLM_CPU_KVCACHE_SPACE (whole GiB; CPU builds)
     threads: int | None = Field(default=None, ge=1)  # OMP threads (CPU builds); None: all cores
@@ -283,6 +289,13 @@ class PromoteConfig(Section):
     # Which speedup the gate compares: speedup_vs_<baseline> from the benchmark report.
     # vllm: the head served by vLLM vs vLLM without it, at batch 1 (eval.engine: vllm).
     speedup_baseline: Literal["hf_generate", "ar", "hf_prompt_lookup", "vllm"] = "hf_generate"
+    # The head's tokens/s over the fastest head-free decoder of the same engine in the same run
+    # (ours: ar, HF generate, HF prompt lookup, our lookup branch alone; vLLM: plain, ngram) at
+    # batch 1, and the lowest such ratio over vllm.concurrency's levels above 1 (vLLM only: our
+    # engine serves one request at a time). 1.0 rejects a head that slows serving; 0 turns a
+    # floor off. Permissive here like min_speedup: the recipes in configs/ set them.
+    min_speedup_vs_headfree: float = Field(default=0.0, ge=0.0)
+    min_speedup_vs_headfree_concurrent: float = Field(default=0.0, ge=0.0)
 
 
 class InferConfig(Section):

@@ -3,6 +3,10 @@
 `--draft smollm2-135m-instruct` finds `heads/smollm2-135m-instruct/`; a directory path still
 works as before. A shipped head carries SHA256SUMS (the sha256 of each of its files, in
 `sha256sum -c` format); it is verified before the head is used, and by `eagle3 check`.
+
+Fail closed: any directory that carries SHA256SUMS is verified however it is named (a name, or a
+path such as `heads/x` or `/abs/heads/x`), and a directory under heads/ without SHA256SUMS is
+refused: a shipped head that lost its sums cannot show it is the head that was released.
 """
 
 from __future__ import annotations
@@ -40,20 +44,41 @@ def resolve_draft(arg: str | Path) -> Path:
     """A draft directory from a path or a shipped head's name (whose sha256s are checked)."""
     path = Path(arg)
     if path.is_dir():
-        return path
+        return _verified(path, str(arg))
     name = str(arg)
     if "/" not in name and os.sep not in name:
         head = heads_dir() / name
         if (head / "config.json").is_file():
-            problems = verify_sums(head)
-            if problems:
-                raise HeadError(f"shipped head {name} ({head}) is damaged: " + "; ".join(problems))
-            return head
+            return _verified(head, name)
     known = ", ".join(known_heads()) or "none yet"
     raise HeadError(
         f"draft {name!r}: no such directory, and not a shipped head (known heads in "
         f"{heads_dir()}: {known})"
     )
+
+
+def is_shipped(path: Path) -> bool:
+    """Whether `path` is a head directory inside heads/ (however it was named)."""
+    try:
+        return path.resolve().parent == heads_dir().resolve()
+    except OSError:
+        return False
+
+
+def _verified(head: Path, given: str) -> Path:
+    """`head` when its SHA256SUMS match (or it has none and is not a shipped head); else
+    HeadError naming the head and what is wrong."""
+    if not (head / SUMS_FILE).is_file():
+        if is_shipped(head):
+            raise HeadError(
+                f"shipped head {given} ({head}) has no {SUMS_FILE}: refused (a shipped head must "
+                "carry the sums it was released with; `eagle3 release` writes them)"
+            )
+        return head
+    problems = verify_sums(head)
+    if problems:
+        raise HeadError(f"head {given} ({head}) is damaged: " + "; ".join(problems))
+    return head
 
 
 def write_sums(head: Path) -> Path:

@@ -7,8 +7,9 @@ on-demand inference run against the champion -> one summary table with both head
 (tau and speed with and without the prompt-lookup branch, lossless, the gate's decision and
 reasons) and the URLs of the Prefect UI, the MLflow UI and the S3 objects.
 
-The gate's floor: the demo profile lowers promote.min_speedup to 0 so that a head trained for a
-few minutes on 2 CPU cores still shows promotion, S3 and serving end to end. The summary then
+The gate's floor: the demo profile lowers promote.min_speedup and the head-free floors
+(min_speedup_vs_headfree*) to 0 so that a head trained for a few minutes on 2 CPU cores still
+shows promotion, S3 and serving end to end. The summary then
 says so in plain words, with the verdict the recipe's own floor (no profile) gives.
 
 Resumable: after Ctrl-C, run it again. The data task is cached on its settings (and the data stage
@@ -96,18 +97,29 @@ def floor_note(metrics: dict, used, own) -> tuple[str, str] | None:
     would have decided. None when the profile keeps the recipe's floor."""
     from eagle3.ops.gate import decide, gate_metrics
 
-    if used.min_speedup >= own.min_speedup and used.min_tau >= own.min_tau:
+    keys = ("min_tau", "min_speedup", "min_speedup_vs_headfree")
+    if all(getattr(used, k) >= getattr(own, k) for k in keys):
         return None
     b = used.speedup_baseline
-    own_floor = f"tau >= {own.min_tau:g} and >= {own.min_speedup:g}x {b.replace('_', ' ')}"
+
+    def floor(cfg) -> str:
+        return (
+            f"tau >= {cfg.min_tau:g}, >= {cfg.min_speedup:g}x {b.replace('_', ' ')} and >= "
+            f"{cfg.min_speedup_vs_headfree:g}x the best head-free decoder"
+        )
+
     verdict = decide(gate_metrics(metrics, b, None), None, own, [])
     if verdict.promote:
-        return "green", f"clears the recipe's own floor too ({own_floor})"
-    why = "; ".join(r for r in verdict.reasons if "floor" in r or "lossless" in r)
+        return "green", f"clears the recipe's own floor too ({floor(own)})"
+    why = "; ".join(
+        r
+        for r in verdict.reasons
+        if "floor" in r or "lossless" in r or "head-free" in r or "not finite" in r
+    )
     return (
         "yellow",
-        f"promoted only because the demo profile lowers the floor (tau >= {used.min_tau:g}, "
-        f">= {used.min_speedup:g}x); the recipe's own floor ({own_floor}) would REJECT it: {why}",
+        f"promoted only because the demo profile lowers the floor ({floor(used)}); the "
+        f"recipe's own floor ({floor(own)}) would REJECT it: {why}",
     )
 
 
@@ -126,6 +138,11 @@ def number_rows(metrics: dict) -> list[tuple[str, str]]:
         ("vs HF generate, head + lookup", x("speedup_vs_hf_generate")),
         ("vs HF generate, head alone", x("speedup_tree_only_vs_hf_generate")),
         ("vs HF prompt lookup, head + lookup", x("speedup_vs_hf_prompt_lookup")),
+        ("vs our lookup branch alone (no head)", x("speedup_vs_lookup")),
+        # What the gate reads: the head over the fastest head-free decoder of the same run.
+        ("vs the best head-free decoder, head + lookup", x("speedup_vs_best_headfree")),
+        ("vs the best head-free decoder, head alone", x("speedup_tree_only_vs_best_headfree")),
+        ("vs the best head-free, at concurrency", x("speedup_vs_best_headfree_concurrent")),
         ("lossless (greedy == target)", str(bool(metrics.get("lossless")))),
     ]
 

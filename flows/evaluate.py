@@ -110,7 +110,7 @@ def evaluate_flow(
     register_version: bool = True,
 ) -> dict:
     from eagle3.eval.render import markdown_report, table_rows
-    from eagle3.ops.evaluation import version_tags
+    from eagle3.ops.evaluation import headfree_names, version_tags
     from eagle3.ops.gate import decide, gate_metrics
     from eagle3.ops.tracking import eval_set_signature, registered_model_name
 
@@ -128,7 +128,9 @@ def evaluate_flow(
         write_json(r.run_path / "bench_report.json", report)
         metrics = log_eval_task(r, report, run_id, art_run, str(draft))
         eval_set = eval_set_signature(r, report)
-        cand = gate_metrics(metrics, r.promote.speedup_baseline, eval_set)
+        # + the name of the head-free decoder the head was measured against (not a metric)
+        named = metrics | headfree_names(report)
+        cand = gate_metrics(named, r.promote.speedup_baseline, eval_set)
         version = None
         if register_version:
             tags = version_tags(draft, report, eval_set, data_digest, problems)

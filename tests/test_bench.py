@@ -18,8 +18,8 @@ from eagle3.models.checkpoint import load_draft, save_draft
 pytestmark = pytest.mark.slow
 
 QUICK = ["eval.max_new_tokens=12", "eval.warmup=1", "eval.threads=1"]
-DECODERS = {"eagle3", "ar", "hf_generate", "hf_prompt_lookup"}
-SPEEDUPS = {"vs_ar", "vs_hf_generate", "vs_hf_prompt_lookup"}
+DECODERS = {"eagle3", "ar", "hf_generate", "hf_prompt_lookup", "lookup"}
+SPEEDUPS = {"vs_ar", "vs_hf_generate", "vs_hf_prompt_lookup", "vs_lookup"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -59,7 +59,13 @@ def test_report_follows_the_contract(head_dir, capsys):
         "overall",
         "engine_time",
         "resumed_prompts",
+        "provenance",
     ]
+    prov = report["provenance"]
+    assert len(prov["commit"]) == 40 and isinstance(prov["dirty"], bool)
+    assert prov["recipe_name"] == "tiny" and prov["profile"] is None and prov["limit"] == 1
+    assert prov["datasets"] == ["mt_bench"] and prov["decoder_order"][0] == "eagle3"
+    assert set(prov["decoder_order"]) == DECODERS
     assert report["device"] == "cpu" and report["dtype"] == "float32" and report["threads"] == 1
     d = report["decoding"]
     assert d == {
@@ -92,6 +98,12 @@ def test_report_follows_the_contract(head_dir, capsys):
     assert (
         set(o) >= {"tau", "speedup", "lossless"} and o["lossless"] is True and o["tau"] == s["tau"]
     )
+    # The gate's number: the head over the fastest head-free decoder of this run, named.
+    headfree = {n: tps[n] for n in ("ar", "hf_generate", "hf_prompt_lookup", "lookup")}
+    best = max(headfree, key=headfree.get)
+    assert o["best_headfree"] == best
+    assert o["speedup"]["vs_best_headfree"] == pytest.approx(tps["eagle3"] / tps[best], rel=1e-2)
+    assert o["speedup"]["vs_best_headfree"] <= min(o["speedup"][f"vs_{n}"] for n in headfree)
     assert [p["id"] for p in seen] == ["mt_bench/mt_bench:81/turn1", "mt_bench/mt_bench:81/turn2"]
     assert all(p["lossless"] for p in seen)
     print_report(report)
@@ -109,6 +121,14 @@ def test_cli_bench_writes_the_report_and_rejects_bad_input(head_dir, tmp_path):
     )
     report = json.loads(out.read_text())
     assert report["datasets"]["mt_bench"]["lossless"] is True
+    # The command is in the report, not rebuilt afterwards.
+    prov = report["provenance"]
+    assert prov["recipe"] == cfg and prov["limit"] == 1
+    assert prov["overrides"] == [
+        "eval.max_new_tokens=6",
+        "eval.threads=1",
+        "eval.baselines=[hf_generate]",
+    ]
     assert set(report["datasets"]["mt_bench"]["tokens_per_s"]) == {"eagle3", "hf_generate"}
     assert main([*args, "--datasets", "no_such_set"]) == 2
     assert main([*args, "eval.baselines=[nope]"]) == 2
@@ -146,3 +166,87 @@ def test_autotune_writes_the_best_tree_into_the_checkpoint(
     assert (
         tuned_infer(tiny_recipe.infer, again) == tiny_recipe.infer
     )  # autotune off: the recipe wins
+
+
+def test_lookup_decoding_without_a_head_is_the_targets_own_output(tiny_target, tiny_recipe):
+    """`lookup`: our engine, prompt-lookup branch, no head. Greedy output == plain AR, token for
+    token, and on a repetitive prompt the lookup chain is accepted (tau > 1)."""
+    import infer_support
+
+    from eagle3.infer.engine import SpecEngine
+    from eagle3.infer.lookup_decode import generate_lookup
+
+    torch.set_num_threads(1)
+    engine = SpecEngine(tiny_target, None, tiny_recipe.infer)
+    prompts = infer_support.random_prompts(n_seq=2).tolist()
+    prompts.append(prompts[0] * 3)  # repeats itself: the lookup has something to propose
+    taus = []
+    for ids in prompts:
+        ar = engine.generate_ar(ids, temperature=0.0, max_new_tokens=24)
+        got = generate_lookup(engine, ids, 6, temperature=0.0, max_new_tokens=24)
+        assert got.tokens == ar.tokens, ids
+        taus.append(got.tau)
+    assert max(taus) > 1.0, taus
+    with pytest.raises(ValueError, match="lookup_tokens >= 1"):
+        generate_lookup(engine, prompts[0], 0)
+
+
+def test_decoders_alternate_order_per_prompt():
+    from eagle3.eval.bench import rotated
+
+    names = ["eagle3", "ar", "hf_generate"]
+    firsts = [rotated(names, i)[0] for i in range(4)]
+    assert firsts == ["eagle3", "ar", "hf_generate", "eagle3"]
+    assert all(sorted(rotated(names, i)) == sorted(names) for i in range(5))
+
+
+def test_the_journal_resumes_only_the_same_code_and_settings(tmp_path):
+    from eagle3.eval.journal import Journal
+
+    path = tmp_path / "j.json"
+    Journal(path, "K", "c1").put("p1", {"x": 1})
+    assert Journal(path, "K", "c1").get("p1") == {"x": 1}
+    # Another commit (before: the journal had no code version, and resumed across a refactor).
+    other = Journal(path, "K", "c2")
+    assert other.get("p1") is None and other.set_aside == tmp_path / "j.json.old"
+    assert "measured by commit c1, this is c2" in other.why
+    # ... unless told to, when the settings match.
+    Journal(path, "K", "c1").put("p1", {"x": 1})
+    assert Journal(path, "K", "c2", across_commits=True).get("p1") == {"x": 1}
+    # Other settings are never resumed, told or not.
+    Journal(path, "K", "c1").put("p1", {"x": 1})
+    assert Journal(path, "OTHER", "c1", across_commits=True).get("p1") is None
+
+
+def test_the_markdown_report_states_the_gates_headfree_ratio():
+    from eagle3.eval.render import markdown_report
+
+    ds = {"prompts": 1, "new_tokens": 9, "tau": 2.0, "alpha": [0.5], "lossless": True,
+          "tokens_per_s": {"eagle3": 12.0, "lookup": 15.0}, "speedup": {"vs_lookup": 0.8}}  # fmt: skip
+    report = {
+        "target": "t", "draft": "d", "device": "cpu", "dtype": "float32", "threads": 1,
+        "decoding": {"mode": "tree", "total_tokens": 4, "depth": 1, "top_k": 2, "temperature": 0.0},
+        "datasets": {"mt_bench": ds},
+        "overall": {"tau": 2.0, "speedup": {"vs_lookup": 0.8, "vs_best_headfree": 0.8},
+                    "lossless": True, "best_headfree": "lookup"},
+    }  # fmt: skip
+    text = markdown_report(load_recipe(ROOT / "configs" / "tiny.yaml"), report, {}, None, "1", "m")
+    assert "vs the best head-free decoder (**lookup**): **0.80x**" in text
+
+
+def test_code_version_outside_a_checkout_is_unknown_not_a_neighbours(tmp_path):
+    import subprocess
+
+    from eagle3.eval.provenance import code_version
+
+    # A copy inside someone else's repository (e.g. site-packages in a venv in a work tree) must
+    # not report that repository's commit as its own.
+    outer = tmp_path / "outer"
+    inner = outer / "lib" / "site-packages"
+    inner.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    ident = ["-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "-C", str(outer), *ident, "commit", "-q", "--allow-empty", "-m", "x"],
+                   check=True)  # fmt: skip
+    assert code_version(inner) == {"commit": None, "dirty": None}
+    assert len(code_version()["commit"]) == 40  # this checkout

@@ -207,3 +207,58 @@ def test_loads_public_eagle3_layout(tiny_draft, tmp_path):
     back = load_draft(d)
     for k, v in tiny_draft.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+
+
+# --- fail closed: hashes and sums are checked whichever way a head arrives -------------------------
+def test_load_draft_refuses_weights_that_do_not_match_the_recorded_sha256(saved):
+    # Before: only `eagle3 check` compared them; load_draft loaded replaced weights silently.
+    _edit_tensors(saved, lambda t: t.update({"norm.weight": t["norm.weight"] + 1.0}))
+    from eagle3.models.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"model\.safetensors sha256 .* does not match"):
+        load_draft(saved)
+    # No recorded hash (a checkpoint from elsewhere): nothing to compare, it loads.
+    _edit_config(saved, lambda c: c["eagle3"].pop("weights_sha256"))
+    assert load_draft(saved) is not None
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_check_names_a_tensor_with_nan_or_inf(saved, value):
+    def poison(t):
+        t["fc.weight"][0, 0] = value
+
+    _edit_tensors(saved, poison)
+    _edit_config(saved, lambda c: c["eagle3"].pop("weights_sha256"))  # only the values are wrong
+    problems = check_checkpoint(saved)
+    assert any("tensor fc.weight holds 1 NaN or Inf values" in p for p in problems), problems
+
+
+def test_heads_with_sums_are_verified_by_name_or_by_path(saved, tmp_path, monkeypatch):
+    import shutil
+
+    from eagle3.heads import HeadError, resolve_draft, write_sums
+
+    root = tmp_path / "heads"
+    head = root / "h1"
+    shutil.copytree(saved, head)
+    write_sums(head)
+    monkeypatch.setenv("EAGLE3_HEADS_DIR", str(root))
+    monkeypatch.chdir(tmp_path)
+    for given in ("h1", "heads/h1", str(head)):
+        assert resolve_draft(given) is not None
+    (head / "config.json").write_text((head / "config.json").read_text() + " ")
+    # Before: a directory path skipped SHA256SUMS (only a bare name was verified).
+    for given in ("h1", "heads/h1", str(head)):
+        with pytest.raises(HeadError, match="config.json: sha256 does not match SHA256SUMS"):
+            resolve_draft(given)
+    # A copy elsewhere that carries sums is verified too.
+    other = tmp_path / "elsewhere"
+    shutil.copytree(head, other)
+    with pytest.raises(HeadError, match="is damaged"):
+        resolve_draft(other)
+    # A shipped head without sums is refused; a training run's draft/ (no sums) is not.
+    (head / "SHA256SUMS").unlink()
+    for given in ("h1", str(head)):
+        with pytest.raises(HeadError, match="has no SHA256SUMS: refused"):
+            resolve_draft(given)
+    assert resolve_draft(saved) == saved

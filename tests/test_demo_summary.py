@@ -17,9 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOL = ROOT / "configs" / "smollm2-135m.yaml"
 
 
-def _metrics(tau, speedup, tau_alone=None, alone=None):
+def _metrics(tau, speedup, tau_alone=None, alone=None, headfree=None):
     m = {"tau": tau, "speedup_vs_hf_generate": speedup, "lossless": 1.0,
-         "speedup_vs_hf_prompt_lookup": speedup * 0.7}  # fmt: skip
+         "speedup_vs_hf_prompt_lookup": speedup * 0.7,
+         "speedup_vs_best_headfree": speedup * 0.7 if headfree is None else headfree}  # fmt: skip
     if tau_alone is not None:
         m |= {"tau_tree_only": tau_alone, "speedup_tree_only_vs_hf_generate": alone}
     return m
@@ -35,8 +36,13 @@ def test_the_demo_profile_lowers_the_floor_of_its_own_recipe():
     assert (
         "would REJECT it" in text and "speedup vs hf_generate 0.480 below the floor 1.000" in text
     )
-    style, text = floor_note(_metrics(2.4, 1.3), used, own)
+    assert used.min_speedup_vs_headfree < own.min_speedup_vs_headfree == 1.0
+    style, text = floor_note(_metrics(2.4, 1.5), used, own)
     assert style == "green" and "clears the recipe's own floor too" in text
+    # The case: fast against HF generate, slower than the best head-free decoder.
+    style, text = floor_note(_metrics(2.4, 1.71, headfree=0.78), used, own)
+    assert style == "yellow" and "would REJECT it" in text
+    assert "speedup vs the best head-free decoder 0.780 below the floor 1.000" in text
     # A head that is not lossless fails the real floor for that reason too.
     _, text = floor_note({**_metrics(2.4, 1.3), "lossless": 0.0}, used, own)
     assert "not lossless" in text
@@ -50,6 +56,8 @@ def test_number_rows_show_the_head_with_and_without_the_lookup_branch():
     assert rows["vs HF generate, head + lookup"] == "1.23x"
     assert rows["vs HF generate, head alone"] == "0.91x"
     assert dict(number_rows(_metrics(1.5, 1.0)))["tau, head alone (tree only)"] == "-"
+    assert rows["vs the best head-free decoder, head + lookup"] == "0.86x"  # 1.234 * 0.7
+    assert rows["vs the best head-free, at concurrency"] == "-"  # our engine: batch 1 only
 
 
 def _render(shipped, tmp_path) -> str:

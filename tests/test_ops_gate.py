@@ -180,3 +180,126 @@ def test_experiments_open_in_mlflows_model_training_view(mlflow_sqlite):
     )
     assert kind(Tracker(TrackingConfig(experiment=older))) == "custom_model_development"
     assert kind(Tracker(TrackingConfig(experiment=chosen))) == "genai_development"
+
+
+# --- the head is credited only with what it adds over the best head-free decoder -------------------
+HEADFREE = PromoteConfig(
+    min_tau=1.5,
+    min_speedup=1.0,
+    min_speedup_vs_headfree=1.0,
+    min_speedup_vs_headfree_concurrent=1.0,
+)
+
+
+def ours(vs_headfree, best="hf_prompt_lookup", **kw):
+    """Our engine's numbers: batch 1 only (no vllm/* metrics)."""
+    m = {"tau": 2.0, "speedup_vs_hf_generate": 1.7, "lossless": 1.0, **kw}
+    if vs_headfree is not None:
+        m["speedup_vs_best_headfree"] = vs_headfree
+    return gate_metrics({**m, "best_headfree": best}, "hf_generate", "E")
+
+
+def test_a_head_slower_than_the_best_headfree_decoder_is_rejected():
+    # The issue's case: 1.71x HF generate, yet slower than HF prompt lookup alone.
+    d = decide(ours(0.78), None, HEADFREE, [])
+    assert not d.promote
+    assert any(
+        "speedup vs the best head-free decoder (hf_prompt_lookup) 0.780 below the floor 1.000" in r
+        for r in d.reasons
+    ), d.reasons
+    d = decide(ours(1.2), None, HEADFREE, [])
+    assert d.promote, d.reasons
+    assert any("concurrency not gated: our engine serves one request" in r for r in d.reasons)
+    # A bench from before the comparison carries no ratio: rejected under the floor, not a crash.
+    d = decide(ours(None), None, HEADFREE, [])
+    assert not d.promote and any("no speedup vs the best head-free" in r for r in d.reasons)
+    # The library default keeps the floors off (recipes set them).
+    assert decide(ours(0.5), None, PromoteConfig(min_tau=1.5, min_speedup=1.0), []).promote
+
+
+def test_vllm_is_gated_at_concurrency_too():
+    base = {"tau": 2.0, "speedup_vs_vllm": 1.1, "lossless": 1.0, "vllm/acceptance_length": 2.0}
+    fast1 = {"speedup_vs_best_headfree": 1.1}
+    c = gate_metrics({**base, **fast1, "speedup_vs_best_headfree_concurrent": 0.72}, "vllm", "E")
+    assert c["engine"] == "vllm"
+    d = decide(c, None, HEADFREE, [])
+    assert not d.promote
+    assert any("at concurrency 0.720 below the floor 1.000" in r for r in d.reasons), d.reasons
+    # vLLM numbers without a concurrent ratio: not measured = not cleared
+    d = decide(gate_metrics({**base, **fast1}, "vllm", "E"), None, HEADFREE, [])
+    assert not d.promote and any("at concurrency in the evaluation" in r for r in d.reasons)
+    ok = gate_metrics({**base, **fast1, "speedup_vs_best_headfree_concurrent": 1.05}, "vllm", "E")
+    assert decide(ok, None, HEADFREE, []).promote
+
+
+def test_a_champion_without_the_headfree_ratio_is_said_not_crashed():
+    old = {**champ(), "source": "registry tags"}  # tags written before the comparison
+    d = decide(ours(1.2), old, HEADFREE, [])
+    assert d.promote, d.reasons
+    assert any("champion v7 has no speedup vs the best head-free decoder" in r for r in d.reasons)
+    newer = {**ours(1.5), "version": "7"}
+    d = decide(ours(1.2), newer, HEADFREE, [])
+    assert not d.promote
+    assert any("1.200 worse than champion v7's 1.500" in r for r in d.reasons), d.reasons
+
+
+def test_nan_or_inf_numbers_are_refused_by_name():
+    nan, inf = float("nan"), float("inf")
+    # Before: nan < floor is False, so a NaN tau or speedup cleared every floor.
+    for bad in (cand(tau=nan), cand(speedup=inf), ours(nan)):
+        d = decide(bad, None, CFG, [])
+        assert not d.promote and any("not finite" in r for r in d.reasons), d.reasons
+    d = decide(cand(tau=nan), None, CFG, [])
+    assert "tau=nan" in d.reasons[-1]
+    # Registry tags are strings: "nan" parses to NaN and is refused the same way.
+    assert not decide(
+        gate_metrics(
+            {"tau": "nan", "speedup_vs_hf_generate": "1.5", "lossless": "1.0"}, "hf_generate", "E"
+        ),
+        None,
+        CFG,
+        [],
+    ).promote
+    # A NaN champion would disable every comparison (x < nan * 0.95 is False): rejected, said so.
+    d = decide(cand(tau=1.0), {**champ(), "tau": nan}, PromoteConfig(min_tau=0.5), [])
+    assert not d.promote
+    assert any("champion v7's numbers are not finite (tau=nan)" in r for r in d.reasons)
+
+
+def test_mlflow_metrics_carry_every_headfree_ratio():
+    from eagle3.ops.tracking import report_metrics
+
+    level = lambda n, e, v, g: {  # noqa: E731
+        "in_flight": n, "tokens_per_s": {"eagle3": e, "vllm": v, "ngram": g},
+        "speedup": round(e / v, 3), "acceptance_length": 1.5,
+        "best_headfree": "ngram" if g > v else "vllm",
+        "speedup_vs_best_headfree": round(e / max(v, g), 3),
+    }  # fmt: skip
+    ds = {"prompts": 1, "new_tokens": 9, "tau": 1.5, "alpha": [0.5], "lossless": True,
+          "tokens_per_s": {"eagle3": 9.7, "vllm": 10.0, "ngram": 13.0},
+          "speedup": {"vs_vllm": 0.97, "vs_ngram": 0.746}}  # fmt: skip
+    report = {
+        "engine": "vllm", "target": "t", "draft": "d", "device": "cpu", "dtype": "float32",
+        "threads": 2,
+        "decoding": {"mode": "chain", "total_tokens": 3, "depth": 3, "top_k": 1, "temperature": 0.0},
+        "datasets": {"mt_bench": ds},
+        "overall": {"tau": 1.5, "lossless": True, "best_headfree": "ngram",
+                    "best_headfree_concurrent": "vllm@c4",
+                    "speedup": {"vs_vllm": 0.97, "vs_ngram": 0.746, "vs_best_headfree": 0.746,
+                                "vs_best_headfree_concurrent": 0.72}},
+        "vllm": {"version": "v", "speculative_tokens": 3, "enforce_eager": True,
+                 "acceptance_length": 1.5, "alpha": [0.5], "per_position_acceptance": [0.5],
+                 "num_drafts": 6, "num_accepted_tokens": 3, "num_draft_tokens": 18,
+                 "lossless": True, "start_seconds": {"vllm": 1.0, "eagle3": 1.0},
+                 "concurrency": {"bs1": level(1, 9.7, 10.0, 13.0), "c4": level(4, 18.0, 25.0, 20.0)}},
+    }  # fmt: skip
+    m = report_metrics(report)
+    assert m["speedup_vs_best_headfree"] == 0.746
+    assert m["speedup_vs_best_headfree_concurrent"] == 0.72
+    assert m["vllm/speedup_vs_best_headfree_bs1"] == round(9.7 / 13.0, 3)
+    assert m["vllm/speedup_vs_best_headfree_c4"] == 0.72 and m["vllm/tokens_per_s_ngram_c4"] == 20.0
+    # ... and the gate rejects this head under the recipes' floors, at batch 1 and concurrency.
+    d = decide(gate_metrics(m, "vllm", "E"), None, HEADFREE.model_copy(update={"min_tau": 1.0,
+               "min_speedup": 0.0}), [])  # fmt: skip
+    assert not d.promote
+    assert sum("best head-free decoder" in r for r in d.reasons) == 2, d.reasons

@@ -23,7 +23,11 @@ import torch
 
 from eagle3.eval.report import BenchReport, DatasetSummary, Decoding, Summary, as_report
 
-DECODERS = ("eagle3", "ar", "hf_generate", "hf_prompt_lookup")
+DECODERS = ("eagle3", "ar", "hf_generate", "hf_prompt_lookup", "lookup")
+# The decoders that run without a head: the gate credits the head only with what it adds over the
+# fastest of them (`lookup`: our engine with its prompt-lookup branch and no head; `vllm` and
+# `ngram`: vLLM without a head, plainly and with its model-free drafting).
+HEADFREE = ("ar", "hf_generate", "hf_prompt_lookup", "lookup", "vllm", "ngram")
 
 
 @dataclass
@@ -104,8 +108,22 @@ class _Tally:
             if n != "eagle3"
         }
 
+    def best_headfree(self) -> tuple[str, float] | None:
+        """(name, speedup) of the fastest head-free decoder measured; None when none was."""
+        tps = self.tokens_per_s()
+        measured = {n: tps[n] for n in HEADFREE if tps.get(n)}
+        if not measured or not tps.get("eagle3"):
+            return None
+        best = max(measured, key=measured.get)
+        return best, round(tps["eagle3"] / measured[best], 3)
+
     def overall(self) -> Summary:
-        return Summary(tau=self.tau(), speedup=self.speedup(), lossless=self.lossless)
+        speedup, extra = self.speedup(), {}
+        best = self.best_headfree()
+        if best is not None:
+            speedup["vs_best_headfree"] = best[1]
+            extra["best_headfree"] = best[0]
+        return Summary(tau=self.tau(), speedup=speedup, lossless=self.lossless, **extra)
 
     def dataset(self) -> DatasetSummary:
         """The per-data-set entry; `mismatches` only when there are any."""
@@ -122,6 +140,15 @@ class _Tally:
             lossless=self.lossless,
             **({"mismatches": list(self.mismatches)} if self.mismatches else {}),
         )
+
+
+def rotated(names: list[str], i: int) -> list[str]:
+    """`names` rotated by i: decoders alternate order from prompt to prompt, so that none always
+    runs first (cold caches) or last (a warmed, possibly throttled machine)."""
+    if not names:
+        return names
+    k = i % len(names)
+    return names[k:] + names[:k]
 
 
 def _pad(xs: list[int], n: int) -> list[int]:
@@ -165,27 +192,45 @@ def run_bench(
     progress: bool = True,
     on_prompt: Callable[[dict], None] | None = None,
     journal: str | Path | None = None,
+    origin: dict | None = None,
+    resume_across_commits: bool = False,
 ) -> dict:
     """Benchmark a draft head on the recipe's eval sets; returns the §4 report (plus `autotune`,
     and `tree_only` with eval.tree_only). `journal`: a file where every finished prompt is kept,
-    so that a rerun resumes (eagle3/eval/journal.py); None measures everything afresh.
+    so that a rerun resumes (eagle3/eval/journal.py); None measures everything afresh. A journal
+    from another commit of the code is set aside unless `resume_across_commits`. `origin`:
+    {"recipe": path, "overrides": [...]} of the command line, for the report's provenance.
 
     With eval.engine: vllm the head is measured through vLLM instead (eagle3/eval/vllm_bench.py).
     """
     if recipe.eval.engine == "vllm":
         from eagle3.eval.vllm_bench import run_vllm_bench
 
-        return run_vllm_bench(recipe, draft_dir, datasets, limit, progress, on_prompt)
+        return run_vllm_bench(
+            recipe, draft_dir, datasets, limit, progress, on_prompt, origin=origin
+        )
     threads = torch.get_num_threads()
     if recipe.eval.threads:
         torch.set_num_threads(recipe.eval.threads)
     try:
-        return _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt, journal)
+        return _run_bench(
+            recipe,
+            draft_dir,
+            datasets,
+            limit,
+            progress,
+            on_prompt,
+            journal,
+            origin,
+            resume_across_commits,
+        )
     finally:
         torch.set_num_threads(threads)  # the caller's process keeps its own setting
 
 
-def _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt, journal_path) -> dict:
+def _run_bench(
+    recipe, draft_dir, datasets, limit, progress, on_prompt, journal_path, origin, across
+) -> dict:
     from eagle3.data.sources import load_eval_prompts
     from eagle3.env import describe_device
     from eagle3.eval.journal import (
@@ -195,7 +240,9 @@ def _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt, journal_
         prompt_key,
         weights_sha256,
     )
+    from eagle3.eval.provenance import code_id, provenance
     from eagle3.infer.engine import draft_dtype, encode_prompt, load_engine
+    from eagle3.infer.lookup_decode import generate_lookup
 
     ev = recipe.eval
     datasets = list(datasets or ev.datasets)
@@ -238,9 +285,9 @@ def _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt, journal_
     device = describe_device(str(target.device))
     weights = weights_sha256(draft_dir)
     key = bench_key(weights, recipe, engine.cfg, device, torch.get_num_threads())
-    journal = Journal(journal_path, key)
+    journal = Journal(journal_path, key, code_id(), across)
     if journal.set_aside:
-        say(f"{journal_path} was measured under other settings: set aside as {journal.set_aside}")
+        say(f"{journal_path}: {journal.why}: set aside as {journal.set_aside}")
 
     def spec(ids: list[int], lookup: bool):
         cfg = engine.cfg
@@ -253,20 +300,50 @@ def _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt, journal_
         finally:
             engine.cfg = cfg
 
-    def decode_all(ids: list[int], tallies: list[_Tally] | None, label: str) -> list[int]:
-        results = [spec(ids, True)] + ([spec(ids, False)] if tree_only else [])
-        timings = {}
+    lookup_n = engine.cfg.lookup_tokens or ev.prompt_lookup_num_tokens
+
+    def runs(ids: list[int]) -> dict[str, Callable[[], object]]:
+        """Each decoder of one prompt, by name, as a call (run back to back, rotated)."""
+        max_new = ev.max_new_tokens
+        out: dict[str, Callable[[], object]] = {"eagle3": lambda: spec(ids, True)}
+        if tree_only:
+            out["tree_only"] = lambda: spec(ids, False)
         if "ar" in ev.baselines:
-            ar = engine.generate_ar(
-                ids, temperature=temperature, max_new_tokens=ev.max_new_tokens, seed=recipe.seed
+            out["ar"] = lambda: engine.generate_ar(
+                ids, temperature=temperature, max_new_tokens=max_new, seed=recipe.seed
             )
-            timings["ar"] = (len(ar.tokens), ar.timings["total"])
-        ref, secs = _hf_generate(target, ids, ev.max_new_tokens, temperature, engine.cfg, None)
-        timings["hf_generate"] = (len(ref), secs)
+        out["hf_generate"] = lambda: _hf_generate(
+            target, ids, max_new, temperature, engine.cfg, None
+        )
         if "hf_prompt_lookup" in ev.baselines:
             n = ev.prompt_lookup_num_tokens
-            pl, secs = _hf_generate(target, ids, ev.max_new_tokens, temperature, engine.cfg, n)
-            timings["hf_prompt_lookup"] = (len(pl), secs)
+            out["hf_prompt_lookup"] = lambda: _hf_generate(
+                target, ids, max_new, temperature, engine.cfg, n
+            )
+        if "lookup" in ev.baselines:
+            out["lookup"] = lambda: generate_lookup(
+                engine, ids, lookup_n, temperature, max_new, recipe.seed
+            )
+        return out
+
+    order_log: list[list[str]] = []
+
+    def decode_all(ids: list[int], tallies: list[_Tally] | None, label: str) -> list[int]:
+        calls = runs(ids)
+        names = rotated(list(calls), len(order_log))
+        if tallies is not None:
+            order_log.append(names)
+        done = {name: calls[name]() for name in names}
+        results = [done["eagle3"]] + ([done["tree_only"]] if tree_only else [])
+        ref = done["hf_generate"][0]
+        timings = {}
+        for name, res in done.items():
+            if name in ("eagle3", "tree_only"):
+                continue
+            if isinstance(res, tuple):  # HF generate: (tokens, seconds)
+                timings[name] = (len(res[0]), res[1])
+            else:
+                timings[name] = (len(res.tokens), res.timings["total"])
         for tally, res in zip(tallies or [], results, strict=False):
             tally.add_spec(res)
             tally.add_time("eagle3", len(res.tokens), res.timings["total"])
@@ -371,8 +448,27 @@ def _run_bench(recipe, draft_dir, datasets, limit, progress, on_prompt, journal_
         engine_time={k: round(v, 4) for k, v in overall.split.items()},
         **({"autotune": autotuned} if autotuned else {}),
         resumed_prompts=eta.skipped,
+        provenance=provenance(recipe, origin, limit, datasets, list(runs([0]))),
     )
     return report.to_dict()
+
+
+def headfree_lines(r: BenchReport) -> list[str]:
+    """What the gate reads: the head over the fastest head-free decoder of the same run."""
+    out = []
+    for label, o in (("head + lookup", r.overall), ("head alone (tree only)", r.tree_only)):
+        if o is not None and o.best_headfree:
+            out.append(
+                f"{label} vs the best head-free decoder ({o.best_headfree}): "
+                f"{o.speedup['vs_best_headfree']:.2f}x"
+            )
+    o = r.overall
+    if o.best_headfree_concurrent:
+        out.append(
+            f"at concurrency, the lowest vs the best head-free ({o.best_headfree_concurrent}): "
+            f"{o.speedup['vs_best_headfree_concurrent']:.2f}x"
+        )
+    return out
 
 
 def _printer(progress: bool) -> Callable[[str], None]:
@@ -397,10 +493,19 @@ def print_report(report: dict | BenchReport) -> None:
         f"draft={d.draft_dtype or r.dtype}"
     )
     baselines = [
-        n for n in (*DECODERS[1:], "vllm") if any(n in s.tokens_per_s for s in r.datasets.values())
+        n
+        for n in (*DECODERS[1:], "vllm", "ngram")
+        if any(n in s.tokens_per_s for s in r.datasets.values())
     ]
     table = Table(title=title)
-    short = {"ar": "ar", "hf_generate": "hf gen", "hf_prompt_lookup": "hf pld", "vllm": "vllm"}
+    short = {
+        "ar": "ar",
+        "hf_generate": "hf gen",
+        "hf_prompt_lookup": "hf pld",
+        "lookup": "lookup",
+        "vllm": "vllm",
+        "ngram": "ngram",
+    }
     table.add_column("dataset", overflow="fold")
     engine = "vllm+head" if r.engine == "vllm" else "eagle3"
     for c in (
@@ -432,6 +537,8 @@ def print_report(report: dict | BenchReport) -> None:
             table.add_row(name, "", "", f"{o.tau:.2f}", "", *cells, str(o.lossless))
     console = Console()
     console.print(table)
+    for line in headfree_lines(r):
+        console.print(line)
     for name, s in r.datasets.items():
         console.print(f"alpha per depth ({name}): " + " ".join(f"{a:.2f}" for a in s.alpha))
     if r.vllm:

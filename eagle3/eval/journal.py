@@ -3,8 +3,9 @@
 After every prompt the bench rewrites one JSON file (temp file + rename) holding each finished
 prompt's tallies under a key of everything that decides them: the draft's weights, the target,
 the engine and eval settings, the device and thread count, and the prompt itself. A rerun takes
-the prompts it finds there and decodes only the rest. A journal written under other settings is
-set aside, never mixed in. Ratios stay honest across sessions because every decoder of a prompt
+the prompts it finds there and decodes only the rest. A journal written under other settings, or
+by another commit of the code (a refactor can change the numbers), is set aside, never mixed in;
+`eagle3 bench --resume-across-commits` keeps one from another commit when the settings match. Ratios stay honest across sessions because every decoder of a prompt
 runs back to back in one process; only which prompts ran in which session differs.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 
 from eagle3.io import write_json_atomic
 
-VERSION = 1
+VERSION = 2  # 2: the code's commit is recorded beside the key
 
 
 def _sha(obj: Any) -> str:
@@ -55,23 +56,39 @@ def prompt_key(dataset: str, prompt_id: str, turns: list[str]) -> str:
 
 
 class Journal:
-    """{prompt key: record} for one bench key; `path` None keeps it in memory only."""
+    """{prompt key: record} for one bench key and code version (provenance.code_id: the git
+    commit, or the installed package's version); `path` None keeps it in memory only."""
 
-    def __init__(self, path: str | Path | None, key: str):
+    def __init__(
+        self,
+        path: str | Path | None,
+        key: str,
+        commit: str | None = None,
+        across_commits: bool = False,
+    ):
         self.path = Path(path) if path is not None else None
-        self.key = key
+        self.key, self.commit = key, commit
         self.records: dict[str, dict] = {}
         self.set_aside: Path | None = None
+        self.why = ""
         if self.path is None or not self.path.is_file():
             return
         try:
             doc = json.loads(self.path.read_text())
         except (OSError, json.JSONDecodeError):
             doc = {}
-        if isinstance(doc, dict) and doc.get("key") == key:
+        doc = doc if isinstance(doc, dict) else {}
+        same_code = doc.get("commit") == commit
+        if doc.get("key") == key and (same_code or across_commits):
             self.records = dict(doc.get("prompts") or {})
         elif self.path.stat().st_size:
-            # Other settings or another head: keep it for the record, start a new one.
+            # Other settings, another head or other code: keep it for the record, start anew.
+            self.why = (
+                "measured under other settings or another head"
+                if doc.get("key") != key
+                else f"measured by commit {doc.get('commit')}, this is {commit} "
+                "(--resume-across-commits keeps it)"
+            )
             self.set_aside = self.path.with_name(self.path.name + ".old")
             self.path.replace(self.set_aside)
 
@@ -81,7 +98,8 @@ class Journal:
     def put(self, pkey: str, record: dict) -> None:
         self.records[pkey] = record
         if self.path is not None:
-            write_json_atomic(self.path, {"key": self.key, "prompts": self.records})
+            doc = {"key": self.key, "commit": self.commit, "prompts": self.records}
+            write_json_atomic(self.path, doc)
 
 
 class BenchProgress:

@@ -24,6 +24,7 @@ def markdown_report(
         f"**tau {o.tau:.3f}**, lossless **{o.lossless}**; speedups "
         + ", ".join(f"{k} {v:.2f}x" for k, v in o.speedup.items()),
         "",
+        *_headfree(o),
         "| dataset | prompts | tau | "
         + " | ".join(f"alpha_{i}" for i in range(depth))
         + " | speedup vs ar | vs hf_generate | lossless |",
@@ -48,14 +49,23 @@ def markdown_report(
             + ", ".join(f"{a:.3f}" for a in v.per_position_acceptance)
             + f"; greedy outputs with the head equal those without it: {v.lossless}",
             "",
-            "| in flight | with head tok/s | without tok/s | speedup |",
-            "|---|---|---|---|",
+            "| in flight | with head tok/s | without tok/s | ngram tok/s | speedup | vs best "
+            "head-free |",
+            "|---|---|---|---|---|---|",
         ]
         for lv in v.concurrency.values():
             t = lv.tokens_per_s
-            lines.append(
-                f"| {lv.in_flight} | {t['eagle3']:.1f} | {t['vllm']:.1f} | {lv.speedup:.2f} |"
+            ng = f"{t['ngram']:.1f}" if "ngram" in t else "-"
+            best = (
+                f"{lv.speedup_vs_best_headfree:.2f} ({lv.best_headfree})"
+                if lv.speedup_vs_best_headfree is not None
+                else "-"
             )
+            lines.append(
+                f"| {lv.in_flight} | {t['eagle3']:.1f} | {t['vllm']:.1f} | {ng} | "
+                f"{lv.speedup:.2f} | {best} |"
+            )
+        lines += [f"ngram not measured: {why}" for why in (v.headfree_skipped or {}).values()]
     if decision is not None:
         gate = as_decision(decision)
         lines += ["", f"## Gate: {gate.verdict}", ""]
@@ -68,6 +78,22 @@ def markdown_report(
                 f"{champ.tau}, speedup {champ.speedup}",
             ]
     return "\n".join(lines) + "\n"
+
+
+def _headfree(o) -> list[str]:
+    """The gate's ratio, said in words: the head over the fastest head-free decoder."""
+    if not o.best_headfree:
+        return []
+    line = (
+        f"vs the best head-free decoder (**{o.best_headfree}**): "
+        f"**{o.speedup['vs_best_headfree']:.2f}x**"
+    )
+    if o.best_headfree_concurrent:
+        line += (
+            f"; at concurrency, the lowest ({o.best_headfree_concurrent}): "
+            f"**{o.speedup['vs_best_headfree_concurrent']:.2f}x**"
+        )
+    return [line, ""]
 
 
 def table_rows(report: dict) -> list[dict]:

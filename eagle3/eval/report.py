@@ -24,10 +24,18 @@ class Summary(Contract):
 
     tau: float = Field(description="new tokens / target verification forwards (bonus included)")
     speedup: dict[str, float] = Field(
-        description="vs_<decoder>: tokens_per_s['eagle3'] / tokens_per_s[decoder]"
+        description="vs_<decoder>: tokens_per_s['eagle3'] / tokens_per_s[decoder]; "
+        "vs_best_headfree: over the fastest head-free decoder of the run (best_headfree); "
+        "vs_best_headfree_concurrent (vLLM): the lowest such ratio over the concurrency levels"
     )
     lossless: bool | None = Field(
         description="every greedy eagle3 output equals the target's own; null when sampling"
+    )
+    best_headfree: str | None = Field(
+        default=None, description="the fastest head-free decoder measured in the same run"
+    )
+    best_headfree_concurrent: str | None = Field(
+        default=None, description="vLLM: <decoder>@<level> of vs_best_headfree_concurrent"
     )
 
 
@@ -76,11 +84,15 @@ class VllmLevel(Contract):
     """One concurrency level of the vLLM bench (`bs1`, `c<n>`)."""
 
     in_flight: int
-    tokens_per_s: dict[str, float] = Field(description="eagle3: with the head; vllm: without")
+    tokens_per_s: dict[str, float] = Field(
+        description="eagle3: with the head; vllm: without; ngram: vLLM's model-free drafting"
+    )
     speedup: float
     acceptance_length: float
     lossless_batched: bool | None = None
     same_as_bs1: int | None = None
+    best_headfree: str | None = Field(default=None, description="fastest of vllm and ngram")
+    speedup_vs_best_headfree: float | None = None
 
 
 class VllmBlock(Contract):
@@ -96,6 +108,25 @@ class VllmBlock(Contract):
     lossless: bool | None
     concurrency: dict[str, VllmLevel]
     start_seconds: dict[str, float]
+    headfree_skipped: dict[str, str] | None = Field(
+        default=None, description="head-free decoder -> why it was not measured"
+    )
+
+
+class Provenance(Contract):
+    """Where the numbers come from (eagle3/eval/provenance.py)."""
+
+    commit: str | None = Field(description="git commit of the code; null outside a checkout")
+    dirty: bool | None = Field(description="tracked files differed from the commit")
+    recipe: str | None = Field(description="the recipe file given on the command line")
+    recipe_name: str
+    profile: str | None
+    overrides: list[str]
+    settings_sha256: str = Field(description="of every resolved setting")
+    limit: int | None = Field(description="prompts per data set; null: all")
+    datasets: list[str]
+    decoder_order: list[str] = Field(description="the first prompt's order")
+    order: str = Field(description="how the order changes from prompt to prompt")
 
 
 class BenchReport(Contract):
@@ -118,6 +149,7 @@ class BenchReport(Contract):
     autotune: Autotune | None = None
     resumed_prompts: int | None = Field(default=None, description="taken from the journal")
     vllm: VllmBlock | None = None
+    provenance: Provenance | None = None
 
     @property
     def engine_name(self) -> str:

@@ -80,6 +80,15 @@ class Completion:
     tokens: list[int]
     seconds: float
     finish_reason: str | None
+    # Whether the server returned token ids at all (a server without `return_token_ids`, or one
+    # that drops them, leaves `tokens` empty): without them no output can be called identical.
+    has_ids: bool = True
+
+
+def same_output(a: Completion, b: Completion) -> bool:
+    """Token for token the same output, both with their ids: two missing answers are not equal
+    (fail closed: a lossless check must never pass on nothing)."""
+    return a.has_ids and b.has_ids and a.tokens == b.tokens
 
 
 class VLLMClient:
@@ -119,7 +128,9 @@ class VLLMClient:
         if r.status_code != 200:
             raise RuntimeError(f"{self.url}/v1/completions: HTTP {r.status_code}: {r.text[:300]}")
         choice = r.json()["choices"][0]
-        return Completion(list(choice.get("token_ids") or []), dt, choice.get("finish_reason"))
+        ids = choice.get("token_ids")
+        # max_tokens >= 1: a real answer holds at least one token, so [] is as good as missing.
+        return Completion(list(ids or []), dt, choice.get("finish_reason"), has_ids=bool(ids))
 
     def counters(self) -> SpecCounters:
         return parse_spec_counters(self.http.get("/metrics").raise_for_status().text)

@@ -253,7 +253,9 @@ def load_draft(
             f"{ckpt_dir}: refused, not the EAGLE-3 layer eagle3 computes:\n  - "
             + "\n  - ".join(refused)
         )
-    c = draft_config_from_hf(spec.portable_view(raw) if spec.is_speculators(raw) else raw)
+    view = spec.portable_view(raw) if spec.is_speculators(raw) else raw
+    verify_weights(ckpt_dir, view)
+    c = draft_config_from_hf(view)
     tensors = read_tensors(ckpt_dir)
     for name in _NOT_THE_HEAD:
         tensors.pop(name, None)
@@ -274,6 +276,21 @@ def load_draft(
         p.data = p.data.to(f)
     draft.inv_freq = draft.inv_freq.float()
     return draft.eval()
+
+
+def verify_weights(ckpt_dir: str | Path, cfg: dict[str, Any]) -> None:
+    """CheckpointError when config.json records the weights' sha256 and the file differs (a
+    damaged or replaced model.safetensors is refused before it is loaded, not only by check)."""
+    want = (cfg.get("eagle3") or {}).get(WEIGHTS_SHA256)
+    path = Path(ckpt_dir) / WEIGHTS_FILE
+    if want is None or not path.is_file():  # the hash is of model.safetensors; other layouts
+        return  # (pytorch_model.bin, public checkpoints) carry none of ours
+    got = sha256_file(path)
+    if got != want:
+        raise CheckpointError(
+            f"{ckpt_dir}: {WEIGHTS_FILE} sha256 {got[:16]}… does not match config.json's "
+            f"eagle3.{WEIGHTS_SHA256} {str(want)[:16]}… (damaged or replaced after saving)"
+        )
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -422,6 +439,9 @@ def _check_tensors(
             )
         if t.dtype != dtype:
             p.append(f"{WEIGHTS_FILE}: tensor {name} has dtype {t.dtype}, expected {dtype}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            p.append(f"{WEIGHTS_FILE}: tensor {name} holds {bad} NaN or Inf values")
     for name in sorted(set(tensors) - set(expected)):
         why = " (the draft uses the target's embedding)" if "embed_tokens" in name else ""
         p.append(f"{WEIGHTS_FILE}: unexpected tensor {name}{why}")

@@ -20,6 +20,8 @@ REGISTRY_METRICS = (
     "speedup_vs_ar",
     "speedup_vs_hf_prompt_lookup",
     "speedup_vs_vllm",
+    "speedup_vs_best_headfree",
+    "speedup_vs_best_headfree_concurrent",
     "lossless",
     "vllm/acceptance_length",
     "vllm/speedup_bs1",
@@ -37,7 +39,7 @@ def version_tags(draft: Path, report: dict, eval_set: str, data_digest, problems
         "data_digest": data_digest or "",
         "check": "ok" if not problems else "; ".join(problems)[:4000],
         "target": as_report(report).target,
-    }
+    } | headfree_names(report)
     data = Path(draft).parent / "data"
     if (data / MANIFEST).is_file():  # the target's revision (file sha256 or seed)
         tags["target_revision"] = str(read_manifest(data).target.revision)
@@ -45,6 +47,15 @@ def version_tags(draft: Path, report: dict, eval_set: str, data_digest, problems
         if f.is_file():
             tags[f"sha256.{f.name}"] = sha256_file(f)
     return tags
+
+
+def headfree_names(report) -> dict[str, str]:
+    """{"best_headfree": decoder} when the report names the fastest head-free decoder (the gate
+    reads it back from the version's tags to say what the head was measured against)."""
+    from eagle3.eval.report import as_report
+
+    best = as_report(report).overall.best_headfree
+    return {"best_headfree": best} if best else {}
 
 
 def registry_tags(metrics: dict[str, float], tags: dict[str, Any]) -> dict[str, Any]:
@@ -79,7 +90,7 @@ def champion_on_eval_set(
         from eagle3.eval.bench import run_bench
 
         report = run_bench(recipe, str(d), progress=progress)
-    out = gate_metrics(report_metrics(report), baseline, eval_set)
+    out = gate_metrics(report_metrics(report) | headfree_names(report), baseline, eval_set)
     out["version"] = version
     out["source"] = "re-benchmarked on this eval set"
     return out

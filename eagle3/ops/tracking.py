@@ -367,6 +367,10 @@ def vllm_metrics(v: VllmBlock) -> dict[str, float]:
         out[f"vllm/tokens_per_s_{key}"] = float(lv.tokens_per_s["eagle3"])
         out[f"vllm/tokens_per_s_plain_{key}"] = float(lv.tokens_per_s["vllm"])
         out[f"vllm/acceptance_length_{key}"] = float(lv.acceptance_length)
+        if lv.speedup_vs_best_headfree is not None:  # over the fastest of plain and ngram
+            out[f"vllm/speedup_vs_best_headfree_{key}"] = float(lv.speedup_vs_best_headfree)
+        if "ngram" in lv.tokens_per_s:
+            out[f"vllm/tokens_per_s_ngram_{key}"] = float(lv.tokens_per_s["ngram"])
     for k, secs in v.start_seconds.items():
         out[f"vllm/start_seconds_{k}"] = float(secs)
     return out
