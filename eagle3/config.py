@@ -112,6 +112,23 @@ class SourceSpec(Section):
     format: Literal["auto", "sharegpt", "openai", "prompts", "hf"] = "auto"
     split: str | None = None
     limit: int | None = None
+    # name: traffic only: the served requests recorded in [since, until) (ISO 8601, UTC).
+    since: str | None = None
+    until: str | None = None
+
+    @model_validator(mode="after")
+    def _window_is_traffic(self) -> SourceSpec:
+        if (self.since or self.until) and self.name != "traffic":
+            raise ValueError(f"data.sources {self.name!r}: since/until apply to name: traffic only")
+        for key in ("since", "until"):
+            if (v := getattr(self, key)) is not None:
+                from datetime import datetime
+
+                try:
+                    datetime.fromisoformat(v.replace("Z", "+00:00"))
+                except ValueError:
+                    raise ValueError(f"{key} {v!r} is not an ISO 8601 time") from None
+        return self
 
 
 class CatalogEntry(Section):
@@ -329,6 +346,33 @@ class InferConfig(Section):
     engine: Literal["eagle3", "vllm"] = "eagle3"
 
 
+class TrafficConfig(Section):
+    """What is served, recorded (eagle3/traffic/): opt-in per recipe, redacted before writing."""
+
+    capture: bool = False  # record every served request (a request can still opt out)
+    # Regexes whose matches become [REDACTED] in messages and completions before anything is
+    # written; a redacted record keeps no token ids and its answer is regenerated, never reused.
+    redact: list[str] = Field(
+        default_factory=lambda: [
+            r"[\w.+-]+@[\w-]+\.[\w.-]+",  # e-mail addresses
+            r"(?i)\b(?:sk|pk|api|key|token)[-_][A-Za-z0-9]{16,}\b",  # API-key-shaped strings
+            r"\b(?:\d[ -]?){13,19}\b",  # card-number-shaped digit runs
+        ]
+    )
+    retention_days: int = Field(default=90, ge=1)  # the retention flow deletes older batches
+    spool_dir: str | None = None  # None: <EAGLE3_HOME>/traffic-spool/<model>
+    # The newest share of the traffic source's records is held out (never trained on).
+    held_out_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+
+    @field_validator("redact")
+    @classmethod
+    def _patterns_compile(cls, v: list[str]) -> list[str]:
+        from eagle3.traffic.record import compile_patterns
+
+        compile_patterns(v)
+        return v
+
+
 class Recipe(Section):
     name: str
     run_dir: str | None = None
@@ -343,6 +387,7 @@ class Recipe(Section):
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
     vllm: VllmConfig = Field(default_factory=VllmConfig)
+    traffic: TrafficConfig = Field(default_factory=TrafficConfig)
     # Named override sets, e.g. `demo` and `full`, chosen with `--profile` or `profile=NAME`.
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
     profile: str | None = None

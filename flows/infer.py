@@ -108,6 +108,20 @@ def write_outputs_task(recipe, rows: list[dict], key: str) -> str:
     return write_outputs(recipe, rows, key)
 
 
+@task(name="capture-traffic", retries=2, retry_delay_seconds=RETRY_DELAYS[:2])
+def capture_task(recipe, model: str, version: str, rows: list[dict], sampling: dict) -> dict:
+    """Record what was served (traffic.capture): redacted, spooled, uploaded to <model>/traffic/.
+    A failed upload leaves the batch spooled for the next capture; it never fails the run."""
+    from eagle3.ops.inference import settings_or_none
+    from eagle3.traffic.capture import capture, records_of_rows
+
+    s = settings_or_none(recipe)
+    if s is None:
+        print("traffic: no S3 bucket configured; nothing recorded")
+        return {"spooled": 0, "uploaded": [], "waiting": 0}
+    return capture(recipe, s, model, records_of_rows(recipe, model, version, rows, sampling))
+
+
 @flow(name="eagle3-infer", log_prints=True)
 def infer_flow(
     prompts: Any,
@@ -117,9 +131,12 @@ def infer_flow(
     max_new_tokens: int | None = None,
     output_uri: str | None = None,
     draft: str | None = None,
+    capture: bool = True,
 ) -> dict:
     """`draft`: a shipped head's name (heads/<name>/, sha256-checked), served instead of the
-    champion. Only names: a run may not point the flow at an arbitrary directory."""
+    champion. Only names: a run may not point the flow at an arbitrary directory. `capture`:
+    False keeps this request out of the traffic records (recording is on only when the
+    deployment's recipe says traffic.capture: true)."""
     from eagle3.ops.inference import summarize
     from eagle3.ops.tracking import registered_model_name
 
@@ -144,6 +161,15 @@ def infer_flow(
         row["champion_version"] = champ["version"]
     out_uri = write_outputs_task(r, rows, out_key) if out_key else None
     summary = summarize(rows, champ, out_uri)
+    if r.traffic.capture and capture:
+        sampling = {
+            "temperature": r.infer.temperature if temperature is None else temperature,
+            "top_p": r.infer.top_p,
+            "max_tokens": r.infer.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            "seed": r.seed,
+        }
+        model = registered_model_name(r)
+        summary["traffic"] = capture_task(r, model, str(champ["version"]), rows, sampling)
     served = (
         f"head {champ['uri']} ({champ['source']})"
         if draft is not None

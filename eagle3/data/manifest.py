@@ -53,6 +53,18 @@ class SourceEntry(Contract):
     kept: int = 0
     bad: int = 0
     truncated: bool = Field(default=False, description="the file ended mid-record")
+    # name: traffic (eagle3/traffic/source.py): what was read, exactly, and how it was split.
+    since: str | None = None
+    until: str | None = None
+    objects: list[dict[str, str]] | None = Field(
+        default=None, description="traffic batches read: [{key, etag}]"
+    )
+    held_out: int | None = Field(default=None, description="newest records held out")
+    answers_recorded: int | None = Field(default=None, description="recorded answers reused")
+    answers_regenerated: int | None = None
+    regenerated_because: dict[str, int] | None = None
+    first_time: str | None = None
+    last_time: str | None = None
 
     def written(self) -> SourceEntry:
         """The entry as the manifest holds it: every field that has a value, the zero counts

@@ -78,11 +78,10 @@ def tokenize_conversations(
 ) -> tuple[list[TokenSample], list[Skip]]:
     samples, skipped = [], []
     for c in convs:
+        turns = "last" if c.recorded_answer else data.turns
         try:
             samples.append(
-                build_sample(
-                    tokenizer, c.messages, c.id, data.turns, data.max_len, data.long_policy
-                )
+                build_sample(tokenizer, c.messages, c.id, turns, data.max_len, data.long_policy)
             )
         except TemplateError as e:
             skipped.append(Skip(c.id, f"template: {e}"))
@@ -92,13 +91,24 @@ def tokenize_conversations(
 
 
 def _regenerate(convs, data, source: TargetSource, seed: int, on_batch) -> RegenResult:
-    if not data.regenerate:
+    """Regenerate the answers of `convs`, except recorded answers of the target (traffic), which
+    are kept as they are, in place."""
+    todo = [c for c in convs if not c.recorded_answer]
+    if not data.regenerate or not todo:
         return RegenResult(conversations=list(convs))
     if data.backend == "openai":
-        return regenerate_openai(
-            data.endpoint, source.tokenizer(), convs, data, seed=seed, on_batch=on_batch
+        res = regenerate_openai(
+            data.endpoint, source.tokenizer(), todo, data, seed=seed, on_batch=on_batch
         )
-    return regenerate_hf(source.target(), convs, data, seed=seed, on_batch=on_batch)
+    else:
+        res = regenerate_hf(source.target(), todo, data, seed=seed, on_batch=on_batch)
+    if len(todo) == len(convs):
+        return res
+    done = {c.id: c for c in res.conversations}
+    res.conversations = [
+        done[c.id] if c.id in done else c for c in convs if c.id in done or c.recorded_answer
+    ]
+    return res
 
 
 def _run_shard(i, convs, data, source, template_sha, data_dir, on_batch) -> tuple[bool, RegenStats]:
@@ -172,7 +182,7 @@ def run_data(
         skipped = list(loaded.skipped)
         for p in token_paths:
             skipped += [Skip(a, b) for a, b in json.loads(shard_metadata(p)["skipped"])]
-        val = _split(samples, skipped, d.val_fraction, data_dir)
+        val = _split(samples, skipped, d.val_fraction, data_dir, loaded.held_out, loaded.pinned)
         if d.features:
             source.target()  # the facts below are then the loaded model's
         vocab = _build_vocab([s for s in samples if s.sample_id not in val], source, d)
@@ -251,13 +261,23 @@ def _token_shards(shards, data, source, template_sha, data_dir, progress, emit) 
     return stats
 
 
-def _split(samples: list[TokenSample], skipped: list[Skip], fraction: float, data_dir) -> set[str]:
-    """The validation ids; refuses duplicate sample ids and a split that leaves nothing to train."""
+def _split(
+    samples: list[TokenSample],
+    skipped: list[Skip],
+    fraction: float,
+    data_dir,
+    held_out: set[str] = frozenset(),
+    pinned: set[str] = frozenset(),
+) -> set[str]:
+    """The validation ids: by hash, except samples whose source split them (`pinned`; traffic
+    holds out its newest, `held_out`). Refuses duplicate sample ids and a split that leaves
+    nothing to train."""
     ids = [s.sample_id for s in samples]
     if len(set(ids)) != len(ids):
         dup = [k for k, v in Counter(ids).items() if v > 1][:5]
         raise RuntimeError(f"duplicate sample ids in {data_dir}/tokens: {dup}")
-    val = split_val_ids(ids, fraction)
+    val = split_val_ids([i for i in ids if i not in pinned], fraction)
+    val |= {i for i in ids if i in held_out}
     if all(i in val for i in ids):
         counts = ", ".join(f"{n} x {r}" for r, n in reason_counts(skipped).items())
         raise SourceError(

@@ -67,7 +67,10 @@ def regen_key(convs: list[Conversation], data, identity: dict, template_sha: str
     }
     return key_of(
         {
-            "conversations": [[c.id, c.messages] for c in convs],
+            "conversations": [
+                [c.id, c.messages] + (["recorded answer"] if c.recorded_answer else [])
+                for c in convs
+            ],
             "target": identity,
             "template": template_sha,
             "regen": regen if data.regenerate else False,
@@ -109,7 +112,8 @@ def read_regen(path: Path, key: str) -> RegenResult | None:
     try:
         return RegenResult(
             conversations=[
-                Conversation(c["id"], c["messages"], c["source"]) for c in obj["conversations"]
+                Conversation(c["id"], c["messages"], c["source"], c.get("recorded_answer", False))
+                for c in obj["conversations"]
             ],
             skipped=[Skip(s["id"], s["reason"]) for s in obj["skipped"]],
             stats=RegenStats(**obj["stats"]),
@@ -125,6 +129,7 @@ def write_regen(path: Path, key: str, regen: RegenResult) -> None:
             "key": key,
             "conversations": [
                 {"id": c.id, "source": c.source, "messages": c.messages}
+                | ({"recorded_answer": True} if c.recorded_answer else {})
                 for c in regen.conversations
             ],
             "skipped": [{"id": s.id, "reason": s.reason} for s in regen.skipped],

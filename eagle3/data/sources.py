@@ -74,6 +74,9 @@ class Conversation:
     id: str
     messages: list[dict[str, Any]]  # {"role", "content"[, "reasoning_content"]}
     source: str
+    # The last assistant turn is the target's own recorded answer (traffic): it is not
+    # regenerated, and only it is trained on (earlier assistant turns came from the client).
+    recorded_answer: bool = False
 
 
 @dataclass
@@ -378,6 +381,8 @@ class Loaded:
     conversations: list[Conversation] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     sources: list[SourceEntry] = field(default_factory=list)
+    held_out: set[str] = field(default_factory=set)  # ids held out by their source (traffic)
+    pinned: set[str] = field(default_factory=set)  # ids whose source decided their split
 
 
 def load_conversations(recipe, limit: int | None = None) -> Loaded:
@@ -391,6 +396,9 @@ def load_conversations(recipe, limit: int | None = None) -> Loaded:
     for spec in d.sources:
         if limit is not None and len(out.conversations) >= limit:
             break
+        if spec.name == "traffic" and spec.path is None:
+            _add_traffic(out, recipe, spec)
+            continue
         info = resolve_source(spec.name, spec.path, spec.format, recipe)
         out.sources.append(info)
         taken = 0
@@ -405,6 +413,18 @@ def load_conversations(recipe, limit: int | None = None) -> Loaded:
             ):
                 break
     return out
+
+
+def _add_traffic(out: Loaded, recipe, spec) -> None:
+    """Recorded serving traffic (eagle3/traffic/source.py): split by time by the source itself."""
+    from eagle3.traffic.source import load_traffic
+
+    t = load_traffic(recipe, spec)
+    out.sources.append(t.entry)
+    out.skipped += t.skipped
+    out.conversations += t.conversations
+    out.held_out |= t.held_out
+    out.pinned |= {c.id for c in t.conversations}
 
 
 def reason_counts(skipped: list[Skip]) -> dict[str, int]:

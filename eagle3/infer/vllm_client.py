@@ -177,7 +177,16 @@ def generate_rows(
         rows.append(
             {
                 "prompt": p,
+                "messages": [{"role": "user", "content": p}],
                 "text": tokenizer.decode(out.tokens, skip_special_tokens=True),
+                "token_ids": out.tokens,
+                "finish_reason": out.finish_reason,
+                "acceptance": {  # the counters around this request alone (one at a time)
+                    "drafts": int(d.drafts),
+                    "accepted": int(d.accepted),
+                    "per_pos": [int(x) for x in d.per_pos],
+                    "source": "vllm-counters",
+                },
                 "new_tokens": n,
                 "tau": float(d.acceptance_length) if d.drafts else 1.0,
                 "verify_steps": int(d.drafts) if d.drafts else max(n - 1, 0),

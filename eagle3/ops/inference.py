@@ -125,6 +125,7 @@ def generate(
     if recipe.infer.engine == "vllm":
         return generate_vllm(recipe, draft_dir, prompts, temperature, max_new_tokens)
     from eagle3.infer import engine as eng
+    from eagle3.traffic.record import acceptance_of_lengths
 
     engine = eng.load_engine(recipe, draft_dir)
     tok = engine.target.tokenizer
@@ -141,7 +142,11 @@ def generate(
         rows.append(
             {
                 "prompt": p,
+                "messages": [{"role": "user", "content": p}],
                 "text": tok.decode(res.tokens, skip_special_tokens=True),
+                "token_ids": [int(t) for t in res.tokens],
+                "finish_reason": res.stop_reason,
+                "acceptance": acceptance_of_lengths(res.accept_lengths).to_dict(),
                 "new_tokens": len(res.tokens),
                 "tau": float(res.tau),
                 "verify_steps": int(res.cycles),
