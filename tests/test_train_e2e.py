@@ -59,6 +59,9 @@ def trained(tiny_target, tmp_path_factory):
         "data.batch_size=48",
         "data.shard_size=96",
         "data.val_fraction=0.15",
+        # fp32: the test recomputes val/acc_0 exactly; bf16 autocast (auto: on wherever the CPU has
+        # bf16) moves an argmax near a tie, 1 of ~580 positions on this machine.
+        "train.autocast=off",
     ]
     recipe = load_recipe(TINY, overrides)
     run_data(recipe, progress=False, target=tiny_target)
