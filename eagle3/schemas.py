@@ -22,12 +22,14 @@ def schemas() -> dict[str, dict]:
     from eagle3.data.manifest import DataManifest
     from eagle3.eval.report import BenchReport
     from eagle3.ops.gate import GateDecision
+    from eagle3.traffic.record import TrafficRecord
 
     out = {}
     for name, model, title in (
         ("bench-report", BenchReport, "eagle3 bench report"),
         ("data-manifest", DataManifest, "eagle3 data manifest"),
         ("gate-decision", GateDecision, "eagle3 promotion gate decision"),
+        ("traffic-record", TrafficRecord, "eagle3 traffic record (one served request)"),
     ):
         schema = model.model_json_schema(mode="serialization")
         out[f"{name}.schema.json"] = {
