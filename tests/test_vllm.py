@@ -456,3 +456,85 @@ def test_the_speculators_export_is_served_by_vllm_itself_losslessly(
         assert d.drafts > 0 and d.accepted > 0, "the served directory did not draft with the head"
     finally:
         srv.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_recording_proxy_records_chat_streamed_redacted_and_honours_opt_out(
+    vrecipe, servers, s3_env, tmp_path
+):
+    """`eagle3 serve --record`'s proxy in front of the real head server: what the client gets is
+    vLLM's answer; what lands in S3 is that answer with its token ids and the request's own
+    acceptance, redacted, and nothing for a request that opted out."""
+    import time
+
+    import httpx
+
+    from eagle3.config import build_recipe
+    from eagle3.ops import storage
+    from eagle3.serve.recorder import Recorder, RecordingServer, build_app
+    from eagle3.traffic.record import compile_patterns, redact_text
+    from eagle3.traffic.store import list_objects
+
+    recipe = build_recipe(
+        vrecipe.model_dump(mode="json"), [f"traffic.spool_dir={tmp_path / 'spool'}"]
+    )
+    model = "eagle3-serve-record"
+    rec = Recorder(recipe, model, "7", s=s3_env, spool_every_s=3600, upload_every_s=3600)
+    proxy = RecordingServer(build_app(servers.head.url, rec), _free_port()).start()
+    direct = httpx.Client(base_url=servers.head.url, timeout=300)
+    served = direct.get("/v1/models").json()["data"][0]["id"]
+
+    def ask(text: str, **kw) -> dict:
+        return {"model": served, "messages": [{"role": "user", "content": text}],
+                "max_tokens": 16, "temperature": 0, **kw}  # fmt: skip
+
+    try:
+        via = httpx.Client(base_url=proxy.url, timeout=300)
+        assert via.get("/v1/models").json()["data"][0]["id"] == served  # other routes pass through
+        plain = via.post("/v1/chat/completions", json=ask("Describe the river.")).json()
+        ref = direct.post(
+            "/v1/chat/completions", json=ask("Describe the river.", return_token_ids=True)
+        ).json()
+        assert plain["choices"][0]["message"]["content"] == ref["choices"][0]["message"]["content"]
+        secret = "Write to bob@example.com about the mountain."
+        streamed, events = "", 0
+        with via.stream("POST", "/v1/chat/completions", json=ask(secret, stream=True)) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data:") and "[DONE]" not in line:
+                    events += 1
+                    delta = json.loads(line[5:])["choices"][0]["delta"]
+                    streamed += delta.get("content") or ""
+        assert events > 1 and streamed
+        out = via.post(
+            "/v1/chat/completions", json=ask("Keep this out."), headers={"X-Eagle3-Capture": "off"}
+        )
+        assert out.status_code == 200
+        deadline = time.monotonic() + 30  # recording runs after each response is sent
+        while rec.counts["recorded"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        proxy.stop()
+        rec.stop()
+    assert rec.counts["recorded"] == 2 and rec.counts["opted_out"] == 1
+    keys = [o["key"] for o in list_objects(s3_env, model, None, None)]
+    assert len(keys) == 1 and "/traffic/date=" in keys[0]
+    body = storage.get_bytes(s3_env, keys[0]).decode()
+    assert "bob@example.com" not in body and "Keep this out" not in body
+    first, second = (json.loads(line) for line in body.splitlines())
+    assert first["engine"] == "vllm" and first["champion_version"] == "7"
+    assert first["completion"]["token_ids"] == ref["choices"][0]["token_ids"]
+    assert first["completion"]["text"] == ref["choices"][0]["message"]["content"]
+    assert first["sampling"] == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 16, "seed": None}
+    acc = first["acceptance"]  # alone on the head's server: its own verify steps
+    assert acc["source"] == "vllm-counters" and acc["drafts"] >= 1
+    assert acc["accepted"] == sum(acc["per_pos"]) <= K * acc["drafts"]
+    assert second["redacted"] and second["completion"]["token_ids"] is None
+    patterns = compile_patterns(recipe.traffic.redact)
+    assert second["messages"][0]["content"] == redact_text(secret, patterns)
+    assert second["completion"]["text"] == redact_text(streamed, patterns)

@@ -109,15 +109,26 @@ def redact_text(text: str, patterns: list[re.Pattern]) -> str:
     return text
 
 
+def redact_content(content: Any, patterns: list[re.Pattern]) -> Any:
+    """A message's content redacted: a string, or OpenAI content parts (each part's `text`)."""
+    if isinstance(content, str):
+        return redact_text(content, patterns)
+    if isinstance(content, list):
+        return [
+            {**p, "text": redact_text(p["text"], patterns)}
+            if isinstance(p, dict) and isinstance(p.get("text"), str)
+            else p
+            for p in content
+        ]
+    return content
+
+
 def redact_record(fields: dict[str, Any], patterns: list[re.Pattern]) -> TrafficRecord:
     """The record of `fields` with every message and the completion redacted. When redaction
     changed anything, the token ids go too (they would spell the secret back) and `redacted` says
     so: such an answer is no longer the target's answer to the recorded prompt."""
     msgs = [
-        {**m, "content": redact_text(m["content"], patterns)}
-        if isinstance(m.get("content"), str)
-        else m
-        for m in fields["messages"]
+        {**m, "content": redact_content(m.get("content"), patterns)} for m in fields["messages"]
     ]
     comp = dict(fields["completion"])
     text = redact_text(comp["text"], patterns)
