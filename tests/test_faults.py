@@ -383,6 +383,41 @@ def test_inference_cannot_write_outside_its_folder(recipe, drafts, s3_env):
     assert assert_consistent(recipe)["version"] == v1
 
 
+def test_a_request_sets_only_sampling_and_its_token_budget(recipe, drafts, s3_env):
+    """Issue #26 case 1: a request that tries to change what is served or how (free-form vLLM
+    arguments, another target, another cache directory, the engine) is refused by name before
+    any work; sampling, seed and max_new_tokens overrides still run, and nothing else moved."""
+    from eagle3.ops.inference import REQUEST_KEYS, check_request
+    from flows.infer import infer_flow
+    from flows.promote import promote_flow
+
+    v1 = register_candidate(recipe, drafts[0], make_report(1.8, 1.3))
+    assert promote_flow(recipe, version=v1)["promoted"]
+    pl = place(recipe)
+    before = storage.get_bytes(pl.s3, storage.pointer_key(pl.s3, pl.model))
+    for over, key in (
+        ('vllm.extra_args=["--host", "0.0.0.0", "--trust-remote-code"]', "vllm.extra_args"),
+        ("target.path=/tmp/unverified-model", "target.path"),
+        ("cache_dir=/tmp/elsewhere", "cache_dir"),
+        ("infer.engine=vllm", "infer.engine"),
+        ("vllm={port: 80}", "vllm"),
+        ("storage.bucket=another-bucket", "storage.bucket"),
+    ):
+        state = infer_flow(["Hello"], config=recipe, overrides=[over], return_state=True)
+        assert state.is_failed(), over
+        with pytest.raises(PermissionError, match=rf"override {key}: an inference request may"):
+            state.result()
+        runs = task_runs(state)
+        assert not runs, (over, runs)  # refused before the first task
+    assert "vllm.extra_args" not in REQUEST_KEYS
+    allowed = ["infer.temperature=0.7", "infer.top_p=0.9", "seed=3", "infer.max_new_tokens=3"]
+    check_request(recipe, allowed, None)
+    out = infer_flow(["Hello"], config=recipe, overrides=allowed)
+    assert out["count"] == 1 and out["outputs"][0]["new_tokens"] <= 3
+    assert out["output_uri"].startswith(f"s3://{s3_env.bucket}/")
+    assert storage.get_bytes(pl.s3, storage.pointer_key(pl.s3, pl.model)) == before
+
+
 def test_a_deployment_run_cannot_swap_the_recipe(recipe, prefect_harness):
     """A run of the on-demand deployment that passes another `config` is refused."""
     from prefect import get_client
