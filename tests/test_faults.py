@@ -418,6 +418,57 @@ def test_a_request_sets_only_sampling_and_its_token_budget(recipe, drafts, s3_en
     assert storage.get_bytes(pl.s3, storage.pointer_key(pl.s3, pl.model)) == before
 
 
+def test_redaction_hides_secret_keys_urls_and_key_shaped_values():
+    from eagle3.names import is_secret_key, redact, redact_mapping
+
+    for key in ("aws_secret_access_key", "AWS_ACCESS_KEY_ID", "hf_token", "apiKey", "db.password"):
+        assert is_secret_key(key), key
+    for key in ("infer.max_new_tokens", "train.batch_tokens", "data.catalog.monkey.path", "seed"):
+        assert not is_secret_key(key), key
+    got = redact_mapping(
+        {
+            "storage.secret_access_key": "wJalrXUtnFEMI",
+            "data.endpoint": "http://bob:pw1@h:1/v1?api_key=abc&x=1",
+            "note": "sk-live1234567890abcdefgh",
+            "data.sources": [{"name": "a", "token": "tk"}],
+            "infer.max_new_tokens": 8,
+        }
+    )
+    assert got == {
+        "storage.secret_access_key": "***",
+        "data.endpoint": "http://***@h:1/v1?api_key=***&x=1",
+        "note": "***",
+        "data.sources": [{"name": "a", "token": "***"}],
+        "infer.max_new_tokens": 8,
+    }
+    assert redact("token_classification_set") == "token_classification_set"
+
+
+def test_a_secret_in_the_recipe_reaches_no_manifest_and_no_mlflow_param(recipe, drafts, s3_env):
+    """Issue #26 case 4: a recipe whose endpoint carries a password and an API key is trained,
+    registered and promoted; the version manifest in S3 (immutable) and the run's MLflow params
+    and tags hold neither, and the endpoint is still recognisable."""
+    from eagle3.config import build_recipe
+    from flows.common import tracker
+    from flows.promote import promote_flow
+
+    pw, key = "hunter2pw", "sk-live1234567890abcdefgh"
+    r = build_recipe(
+        recipe.model_dump(mode="json"),
+        [f"data.endpoint=http://alice:{pw}@127.0.0.1:9/v1?api_key={key}"],
+    )
+    v1 = register_candidate(r, drafts[1], make_report(1.8, 1.3))
+    assert promote_flow(r, version=v1)["promoted"]
+    pl = place(r)
+    man = storage.get_bytes(pl.s3, f"{storage.version_key(pl.s3, pl.model, v1)}/manifest.json")
+    run = tracker(r).run(tracker(r).version(pl.model, v1).run_id)
+    logged = json.dumps({"params": run.data.params, "tags": run.data.tags})
+    for text in (man.decode(), logged):
+        assert pw not in text and key not in text
+        assert "http://***@127.0.0.1:9/v1?api_key=***" in text
+    assert json.loads(man)["recipe"]["data.endpoint"].startswith("http://***@")
+
+
 def test_a_deployment_run_cannot_swap_the_recipe(recipe, prefect_harness):
     """A run of the on-demand deployment that passes another `config` is refused."""
     from prefect import get_client

@@ -111,7 +111,7 @@ def fetch_version(place: Place, version: str, dest: Path) -> Path:
 
 def manifest_meta(place: Place, recipe, version: str, rid: str, candidate: dict) -> dict:
     from eagle3.config import flatten
-    from eagle3.names import redact
+    from eagle3.names import redact, redact_mapping
 
     mv = place.tracker.version(place.model, version)
     tags = dict(mv.tags)
@@ -127,7 +127,7 @@ def manifest_meta(place: Place, recipe, version: str, rid: str, candidate: dict)
             "revision": tags.get("target_revision") or recipe.target.revision,
         },
         "eval_set": tags.get("eval_set"),
-        "recipe": flatten(recipe),
+        "recipe": redact_mapping(flatten(recipe)),  # immutable: nothing secret goes in
     }
 
 
