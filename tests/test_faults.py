@@ -281,6 +281,50 @@ def test_a_split_after_a_crash_is_repaired_by_reconcile(recipe, drafts):
     assert assert_consistent(recipe)["version"] == v2
 
 
+def test_rollback_repairs_a_champion_whose_manifest_is_gone(recipe, drafts):
+    """Issue #26 case 2: the champion's manifest is deleted (and the champion before it has a
+    damaged file). Reconcile and promote refuse, naming the rollback; the rollback used to
+    deadlock on the same check. Now `eagle3 promote --rollback` replaces the champion with the
+    newest earlier one that verifies, says what it repaired and skipped, and deletes nothing."""
+    from eagle3.cli import main
+    from flows.promote import promote_flow
+
+    vs = [
+        register_candidate(recipe, drafts[i], make_report(1.8 + 0.2 * i, 1.3 + 0.1 * i))
+        for i in range(3)
+    ]
+    for v in vs:
+        assert promote_flow(recipe, version=v)["promoted"]
+    v1, v2, v3 = vs
+    pl = place(recipe)
+    man3 = f"{storage.version_key(pl.s3, pl.model, v3)}/{storage.MANIFEST}"
+    storage.delete_key(pl.s3, man3)
+    w2 = f"{storage.version_key(pl.s3, pl.model, v2)}/model.safetensors"
+    data = bytearray(storage.get_bytes(pl.s3, w2))
+    data[len(data) // 2] ^= 0x55
+    storage.put_bytes(pl.s3, w2, bytes(data))
+    kept = set(storage.list_keys(pl.s3, pl.s3.key(pl.model))) - {
+        storage.pointer_key(pl.s3, pl.model)
+    }
+
+    cli = ["promote", "--config", TINY, f"tracking.registered_model={pl.model}"]
+    rc, out = run_cli(main, [*cli, "--reconcile"])
+    assert rc != 0 and f"names v{v3}, whose manifest" in out and "--rollback" in out, out
+    rc, out = run_cli(main, [*cli, "--rollback"])
+    assert rc == 0, out
+    assert f"repaired: champion.json named v{v3}, whose manifest s3://" in out, out
+    assert "is missing; it is no longer served" in out, out
+    assert f"repaired: skipped the earlier champion v{v2}:" in out and "model.safetensors" in out
+    assert f"rolled back: champion is v{v1} again (was v{v3})" in out, out
+    ptr = assert_consistent(recipe)  # pointer and alias agree on v1, which verifies
+    assert ptr["version"] == v1 and ptr["rolled_back_from"] == v3
+    assert champion_alias(recipe) == v1
+    after = set(storage.list_keys(pl.s3, pl.s3.key(pl.model)))
+    assert kept <= after  # nothing deleted: the damaged versions stay for inspection
+    rc, out = run_cli(main, [*cli, "--reconcile"])
+    assert rc == 0 and "nothing changed" in out, out
+
+
 # --- 2. immutable versions -------------------------------------------------------------------------------
 def test_partial_upload_then_cli_retry(recipe, drafts, proxy, faults, monkeypatch, s3_env):
     """S3 stops after the first object of v2: the flow FAILS, nothing moves; the unfinished v2/
