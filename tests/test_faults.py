@@ -415,10 +415,18 @@ def test_inference_cannot_write_outside_its_folder(recipe, drafts, s3_env):
         f"s3://another-bucket/{storage.inference_prefix(pl.s3, pl.model)}x.jsonl",
         f"{inference}x.txt",
         f"s3://{s3_env.bucket}/eagle3/other-model/inference/x.jsonl",
+        f"{inference}a\\..\\..\\champion.jsonl",  # a backslash may become / in SeaweedFS
+        f"{inference}a..b.jsonl",
+        f"{inference}my outputs.jsonl",
+        f"{inference}r%2F..%2Fx.jsonl",
+        f"{inference}caf\u00e9.jsonl",
     ):
         with pytest.raises(storage.OutsideScope):
             output_key(recipe, pl.model, uri, "RUN")
     assert output_key(recipe, pl.model, f"{inference}mine.jsonl", "RUN").endswith("/mine.jsonl")
+    assert output_key(recipe, pl.model, f"{inference}a/B-2_x.v1.jsonl", "RUN").endswith(
+        "x.v1.jsonl"
+    )
     for over in ("tracking.uri=sqlite:///elsewhere.db", "promote.min_tau=0", "profile=full"):
         with pytest.raises(PermissionError, match="may not change"):
             check_request(recipe, [over], None)
