@@ -418,6 +418,8 @@ def cmd_promote(args) -> int:
             out = promotion.rollback_recipe(recipe)
             for c in out["reconciled"]:
                 print(f"reconciled first: {c}")
+            for c in out["repaired"]:
+                print(f"repaired: {c}")
             print(
                 f"rolled back: champion is v{out['champion']} again "
                 f"(was v{out['rolled_back_from']})"

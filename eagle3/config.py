@@ -280,7 +280,8 @@ class VllmConfig(Section):
     port: int | None = Field(default=None, ge=1, le=65535)  # `eagle3 serve`; None: a free port
     # CUDA builds: GPU memory share per server (the vLLM bench runs two on one GPU).
     gpu_memory_utilization: float = Field(default=0.4, gt=0, le=1)
-    extra_args: list[str] = Field(default_factory=list)  # passed to the api_server as they are
+    # No free-form arguments: the server's command line is built from the typed settings above
+    # (eagle3/ops/vllm_server.py), always on 127.0.0.1.
 
 
 class TrackingConfig(Section):
@@ -444,13 +445,20 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+# Keys that once existed, with why they are gone (named in the error instead of "unknown key").
+REMOVED = {
+    "vllm.extra_args": "removed: free-form vLLM arguments are not accepted; the server's command "
+    "line is built from the typed vllm.* settings only",
+}
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(x) for x in e["loc"]) or "(root)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = REMOVED.get(key, "unknown key")
         lines.append(f"{source}: {key}: {msg}")
     return "\n".join(lines)
 

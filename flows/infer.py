@@ -4,9 +4,9 @@ Parameters: prompts (a list of strings, or an s3:// URI of a JSONL in the config
 rows are strings or objects with `prompt`), temperature, max_new_tokens, output_uri. The champion
 is what champion.json names (the MLflow alias only when no S3 is configured); it is downloaded and
 every sha256 verified BEFORE loading. Outputs go only to s3://<bucket>/<prefix>/<model>/inference/
-as a new object (never over an existing one). Overrides of the storage, tracking and promote
-settings are refused, and a deployment's run may not swap the deployment's recipe: all of it is
-checked before any work. This flow adds the retries.
+as a new object (never over an existing one). `overrides` may set only sampling and the token
+budget (eagle3.ops.inference.REQUEST_KEYS); any other key is refused by name, and a deployment's
+run may not swap the deployment's recipe: all of it is checked before any work. This flow adds the retries.
 """
 
 from __future__ import annotations

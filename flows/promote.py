@@ -34,8 +34,11 @@ def promote_flow(
     tag_flow_run(r)
     if rollback:
         out = promotion.rollback_recipe(r, step=prefect_step)
+        for c in out["repaired"]:
+            print(f"repaired: {c}")
         print(f"rolled back: champion is v{out['champion']} again (was v{out['rolled_back_from']})")
-        _artifact(out["model"], [f"rolled back to v{out['champion']}"] + out["reconciled"])
+        notes = [f"rolled back to v{out['champion']}", *out["reconciled"], *out["repaired"]]
+        _artifact(out["model"], notes)
         return {"promoted": False, "rollback": out, "model": out["model"]}
     if reconcile:
         out = promotion.reconcile_recipe(r, step=prefect_step)

@@ -53,6 +53,11 @@ def _write(tmp_path, tree) -> Path:
         ({"target": {"kind": "hf"}}, [], "target.path is required"),
         ({"target": {"kind": "tiny"}}, ["infer.nope=1"], "infer.nope: unknown key"),
         ({"target": {"kind": "tiny"}}, ["profile=fast"], "profile 'fast' not defined"),
+        (
+            {"target": {"kind": "tiny"}, "vllm": {"extra_args": ["--host", "0.0.0.0"]}},
+            [],
+            "vllm.extra_args: removed: free-form vLLM arguments are not accepted",
+        ),
     ],
 )
 def test_bad_recipes_name_the_key(tmp_path, tree, overrides, key):

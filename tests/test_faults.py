@@ -281,6 +281,50 @@ def test_a_split_after_a_crash_is_repaired_by_reconcile(recipe, drafts):
     assert assert_consistent(recipe)["version"] == v2
 
 
+def test_rollback_repairs_a_champion_whose_manifest_is_gone(recipe, drafts):
+    """Issue #26 case 2: the champion's manifest is deleted (and the champion before it has a
+    damaged file). Reconcile and promote refuse, naming the rollback; the rollback used to
+    deadlock on the same check. Now `eagle3 promote --rollback` replaces the champion with the
+    newest earlier one that verifies, says what it repaired and skipped, and deletes nothing."""
+    from eagle3.cli import main
+    from flows.promote import promote_flow
+
+    vs = [
+        register_candidate(recipe, drafts[i], make_report(1.8 + 0.2 * i, 1.3 + 0.1 * i))
+        for i in range(3)
+    ]
+    for v in vs:
+        assert promote_flow(recipe, version=v)["promoted"]
+    v1, v2, v3 = vs
+    pl = place(recipe)
+    man3 = f"{storage.version_key(pl.s3, pl.model, v3)}/{storage.MANIFEST}"
+    storage.delete_key(pl.s3, man3)
+    w2 = f"{storage.version_key(pl.s3, pl.model, v2)}/model.safetensors"
+    data = bytearray(storage.get_bytes(pl.s3, w2))
+    data[len(data) // 2] ^= 0x55
+    storage.put_bytes(pl.s3, w2, bytes(data))
+    kept = set(storage.list_keys(pl.s3, pl.s3.key(pl.model))) - {
+        storage.pointer_key(pl.s3, pl.model)
+    }
+
+    cli = ["promote", "--config", TINY, f"tracking.registered_model={pl.model}"]
+    rc, out = run_cli(main, [*cli, "--reconcile"])
+    assert rc != 0 and f"names v{v3}, whose manifest" in out and "--rollback" in out, out
+    rc, out = run_cli(main, [*cli, "--rollback"])
+    assert rc == 0, out
+    assert f"repaired: champion.json named v{v3}, whose manifest s3://" in out, out
+    assert "is missing; it is no longer served" in out, out
+    assert f"repaired: skipped the earlier champion v{v2}:" in out and "model.safetensors" in out
+    assert f"rolled back: champion is v{v1} again (was v{v3})" in out, out
+    ptr = assert_consistent(recipe)  # pointer and alias agree on v1, which verifies
+    assert ptr["version"] == v1 and ptr["rolled_back_from"] == v3
+    assert champion_alias(recipe) == v1
+    after = set(storage.list_keys(pl.s3, pl.s3.key(pl.model)))
+    assert kept <= after  # nothing deleted: the damaged versions stay for inspection
+    rc, out = run_cli(main, [*cli, "--reconcile"])
+    assert rc == 0 and "nothing changed" in out, out
+
+
 # --- 2. immutable versions -------------------------------------------------------------------------------
 def test_partial_upload_then_cli_retry(recipe, drafts, proxy, faults, monkeypatch, s3_env):
     """S3 stops after the first object of v2: the flow FAILS, nothing moves; the unfinished v2/
@@ -371,16 +415,110 @@ def test_inference_cannot_write_outside_its_folder(recipe, drafts, s3_env):
         f"s3://another-bucket/{storage.inference_prefix(pl.s3, pl.model)}x.jsonl",
         f"{inference}x.txt",
         f"s3://{s3_env.bucket}/eagle3/other-model/inference/x.jsonl",
+        f"{inference}a\\..\\..\\champion.jsonl",  # a backslash may become / in SeaweedFS
+        f"{inference}a..b.jsonl",
+        f"{inference}my outputs.jsonl",
+        f"{inference}r%2F..%2Fx.jsonl",
+        f"{inference}caf\u00e9.jsonl",
     ):
         with pytest.raises(storage.OutsideScope):
             output_key(recipe, pl.model, uri, "RUN")
     assert output_key(recipe, pl.model, f"{inference}mine.jsonl", "RUN").endswith("/mine.jsonl")
+    assert output_key(recipe, pl.model, f"{inference}a/B-2_x.v1.jsonl", "RUN").endswith(
+        "x.v1.jsonl"
+    )
     for over in ("tracking.uri=sqlite:///elsewhere.db", "promote.min_tau=0", "profile=full"):
         with pytest.raises(PermissionError, match="may not change"):
             check_request(recipe, [over], None)
     check_request(recipe, ["infer.max_new_tokens=8"], None)  # decoding settings are the run's
     assert storage.get_bytes(pl.s3, key) == before
     assert assert_consistent(recipe)["version"] == v1
+
+
+def test_a_request_sets_only_sampling_and_its_token_budget(recipe, drafts, s3_env):
+    """Issue #26 case 1: a request that tries to change what is served or how (free-form vLLM
+    arguments, another target, another cache directory, the engine) is refused by name before
+    any work; sampling, seed and max_new_tokens overrides still run, and nothing else moved."""
+    from eagle3.ops.inference import REQUEST_KEYS, check_request
+    from flows.infer import infer_flow
+    from flows.promote import promote_flow
+
+    v1 = register_candidate(recipe, drafts[0], make_report(1.8, 1.3))
+    assert promote_flow(recipe, version=v1)["promoted"]
+    pl = place(recipe)
+    before = storage.get_bytes(pl.s3, storage.pointer_key(pl.s3, pl.model))
+    for over, key in (
+        ('vllm.extra_args=["--host", "0.0.0.0", "--trust-remote-code"]', "vllm.extra_args"),
+        ("target.path=/tmp/unverified-model", "target.path"),
+        ("cache_dir=/tmp/elsewhere", "cache_dir"),
+        ("infer.engine=vllm", "infer.engine"),
+        ("vllm={port: 80}", "vllm"),
+        ("storage.bucket=another-bucket", "storage.bucket"),
+    ):
+        state = infer_flow(["Hello"], config=recipe, overrides=[over], return_state=True)
+        assert state.is_failed(), over
+        with pytest.raises(PermissionError, match=rf"override {key}: an inference request may"):
+            state.result()
+        runs = task_runs(state)
+        assert not runs, (over, runs)  # refused before the first task
+    assert "vllm.extra_args" not in REQUEST_KEYS
+    allowed = ["infer.temperature=0.7", "infer.top_p=0.9", "seed=3", "infer.max_new_tokens=3"]
+    check_request(recipe, allowed, None)
+    out = infer_flow(["Hello"], config=recipe, overrides=allowed)
+    assert out["count"] == 1 and out["outputs"][0]["new_tokens"] <= 3
+    assert out["output_uri"].startswith(f"s3://{s3_env.bucket}/")
+    assert storage.get_bytes(pl.s3, storage.pointer_key(pl.s3, pl.model)) == before
+
+
+def test_redaction_hides_secret_keys_urls_and_key_shaped_values():
+    from eagle3.names import is_secret_key, redact, redact_mapping
+
+    for key in ("aws_secret_access_key", "AWS_ACCESS_KEY_ID", "hf_token", "apiKey", "db.password"):
+        assert is_secret_key(key), key
+    for key in ("infer.max_new_tokens", "train.batch_tokens", "data.catalog.monkey.path", "seed"):
+        assert not is_secret_key(key), key
+    got = redact_mapping(
+        {
+            "storage.secret_access_key": "wJalrXUtnFEMI",
+            "data.endpoint": "http://bob:pw1@h:1/v1?api_key=abc&x=1",
+            "note": "sk-live1234567890abcdefgh",
+            "data.sources": [{"name": "a", "token": "tk"}],
+            "infer.max_new_tokens": 8,
+        }
+    )
+    assert got == {
+        "storage.secret_access_key": "***",
+        "data.endpoint": "http://***@h:1/v1?api_key=***&x=1",
+        "note": "***",
+        "data.sources": [{"name": "a", "token": "***"}],
+        "infer.max_new_tokens": 8,
+    }
+    assert redact("token_classification_set") == "token_classification_set"
+
+
+def test_a_secret_in_the_recipe_reaches_no_manifest_and_no_mlflow_param(recipe, drafts, s3_env):
+    """Issue #26 case 4: a recipe whose endpoint carries a password and an API key is trained,
+    registered and promoted; the version manifest in S3 (immutable) and the run's MLflow params
+    and tags hold neither, and the endpoint is still recognisable."""
+    from eagle3.config import build_recipe
+    from flows.common import tracker
+    from flows.promote import promote_flow
+
+    pw, key = "hunter2pw", "sk-live1234567890abcdefgh"
+    r = build_recipe(
+        recipe.model_dump(mode="json"),
+        [f"data.endpoint=http://alice:{pw}@127.0.0.1:9/v1?api_key={key}"],
+    )
+    v1 = register_candidate(r, drafts[1], make_report(1.8, 1.3))
+    assert promote_flow(r, version=v1)["promoted"]
+    pl = place(r)
+    man = storage.get_bytes(pl.s3, f"{storage.version_key(pl.s3, pl.model, v1)}/manifest.json")
+    run = tracker(r).run(tracker(r).version(pl.model, v1).run_id)
+    logged = json.dumps({"params": run.data.params, "tags": run.data.tags})
+    for text in (man.decode(), logged):
+        assert pw not in text and key not in text
+        assert "http://***@127.0.0.1:9/v1?api_key=***" in text
+    assert json.loads(man)["recipe"]["data.endpoint"].startswith("http://***@")
 
 
 def test_a_deployment_run_cannot_swap_the_recipe(recipe, prefect_harness):

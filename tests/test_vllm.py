@@ -376,6 +376,33 @@ def test_the_server_gets_the_head_as_an_absolute_dir(vrecipe, monkeypatch):
     assert vs.spec_from_recipe(vrecipe, None).draft is None
 
 
+def test_the_command_line_is_typed_settings_only_on_loopback(vrecipe):
+    """Issue #26: no free-form arguments reach the server; it binds 127.0.0.1 whatever the spec,
+    and model-free drafting is a typed speculative_config (the bench's ngram server)."""
+    import dataclasses
+
+    from eagle3.eval.vllm_bench import ngram_spec
+
+    assert "extra_args" not in {f.name for f in dataclasses.fields(vs.ServerSpec)}
+    plain = vs.spec_from_recipe(vrecipe, None)
+    head = vs.spec_from_recipe(vrecipe, "heads/" + _a_head())
+    for spec in (plain, head, ngram_spec(plain, vrecipe)):
+        cmd = vs.server_command(Path("/venv/bin/python"), spec, 8123)
+        assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd.count("--host") == 1
+        assert cmd.count("--speculative-config") == (0 if spec is plain else 1)
+    cmd = vs.server_command(Path("/venv/bin/python"), ngram_spec(plain, vrecipe), 8123)
+    cfg = json.loads(cmd[cmd.index("--speculative-config") + 1])
+    assert cfg["method"] == "ngram" and cfg["num_speculative_tokens"] == K
+    with pytest.raises(vs.VLLMSetupError, match="not both"):
+        vs.server_command(Path("p"), dataclasses.replace(head, speculative_config=cfg), 1)
+
+
+def _a_head() -> str:
+    from eagle3.heads import known_heads
+
+    return known_heads()[0]
+
+
 def test_cli_serve_without_venv_exits_2_naming_it(monkeypatch, tmp_path, capsys):
     from eagle3.cli import main
 

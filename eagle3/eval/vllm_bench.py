@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,9 +52,7 @@ def ngram_spec(plain_spec, recipe):
         "prompt_lookup_max": int(recipe.infer.lookup_ngram),
         "prompt_lookup_min": 1,
     }
-    return dataclasses.replace(
-        plain_spec, extra_args=[*plain_spec.extra_args, "--speculative-config", json.dumps(cfg)]
-    )
+    return dataclasses.replace(plain_spec, speculative_config=cfg)
 
 
 @contextlib.contextmanager

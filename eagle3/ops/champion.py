@@ -266,10 +266,30 @@ def undo(place: Place, done: dict[str, Any]) -> str:
         return f"champion.json moved on to {fmt(cur and cur['version'])} since; nothing to undo"
 
 
-def reconcile(place: Place) -> list[str]:
-    """Make pointer and alias agree, the pointer winning; put back a pointer that a failed
-    promotion left. Returns what changed, one sentence each (empty: they agreed)."""
+def champion_damage(place: Place, ptr: dict[str, Any]) -> str | None:
+    """Why the version a pointer names cannot be served as it stands (its manifest is gone, or is
+    not the one the pointer's sha256 names), or None when the manifest matches."""
     s3 = place.need_s3()
+    key = f"{storage.version_key(s3, place.model, ptr['version'])}/{storage.MANIFEST}"
+    man = storage.get_bytes_or_none(s3, key)
+    if man is None:
+        return f"v{ptr['version']}, whose manifest s3://{s3.bucket}/{key} is missing"
+    if storage.sha256_bytes(man) != ptr["manifest_sha256"]:
+        return (
+            f"v{ptr['version']}, whose manifest s3://{s3.bucket}/{key} does not match the "
+            "pointer's sha256"
+        )
+    return None
+
+
+def reconcile(place: Place, damaged_ok: bool = False) -> list[str]:
+    """Make pointer and alias agree, the pointer winning; put back a pointer that a failed
+    promotion left. Returns what changed, one sentence each (empty: they agreed).
+
+    A champion whose manifest is missing or damaged raises IntegrityError, unless `damaged_ok`
+    (the rollback, which replaces that champion): then the alias is left for the rollback to set
+    and the finding is returned."""
+    place.need_s3()
     bind_registry(place)
     changes = []
     for _ in range(CAS_ATTEMPTS):
@@ -291,15 +311,15 @@ def reconcile(place: Place) -> list[str]:
             f"{ptr['promotion_id'][:8]} of v{ptr['version']} had failed)"
         )
     ptr, _ = read_pointer(place)
-    if ptr is not None:
-        man = storage.get_bytes_or_none(
-            s3, f"{storage.version_key(s3, place.model, ptr['version'])}/{storage.MANIFEST}"
+    why = None if ptr is None else champion_damage(place, ptr)
+    if why and not damaged_ok:
+        raise storage.IntegrityError(
+            f"{place.pointer_uri} names {why}: roll back (`eagle3 promote --rollback` replaces "
+            "it with the newest earlier champion that verifies)"
         )
-        if man is None or storage.sha256_bytes(man) != ptr["manifest_sha256"]:
-            raise storage.IntegrityError(
-                f"{place.pointer_uri} names v{ptr['version']}, whose manifest is missing or does "
-                "not match the pointer's sha256: roll back (`eagle3 promote --rollback`)"
-            )
+    if why:
+        changes.append(f"champion.json names {why}: the alias waits for the rollback")
+        return changes
     before = alias_version(place)
     after = follow_alias(place)
     if before != after:
@@ -308,24 +328,38 @@ def reconcile(place: Place) -> list[str]:
 
 
 def rollback_pointer(place: Place, rollback_id: str) -> dict[str, Any]:
-    """CAS the pointer back to the previous champion (verified first). Idempotent per id.
-    Returns {"new", "old", "etag"}."""
+    """CAS the pointer back to the newest earlier champion that verifies, skipping (and naming)
+    earlier ones that do not. A champion whose own manifest is missing or damaged is rolled back
+    like any other: this is its repair. Idempotent per id. Returns {"new", "old", "etag",
+    "repaired"}: "repaired" says, one sentence each, what was damaged and what was skipped."""
     s3 = place.need_s3()
     for _ in range(CAS_ATTEMPTS):
         cur, etag = read_pointer(place)
         if cur is not None and cur.get("promotion_id") == rollback_id:  # a retry; it went through
-            return {"new": cur, "old": None, "etag": etag, "repeat": True}
+            return {"new": cur, "old": None, "etag": etag, "repeat": True, "repaired": []}
         if cur is None:
             raise StorageError(f"{place.pointer_uri}: no champion to roll back")
+        repaired = []
+        if why := champion_damage(place, cur):
+            repaired.append(f"champion.json named {why}; it is no longer served")
         prev = previous(cur)
+        while prev is not None:
+            try:
+                storage.verify_version(
+                    s3,
+                    place.model,
+                    prev["version"],
+                    expect_manifest_sha256=prev.get("manifest_sha256"),
+                )
+                break
+            except storage.IntegrityError as e:
+                repaired.append(f"skipped the earlier champion v{prev['version']}: {e}")
+                prev = previous(prev)
         if prev is None:
             raise StorageError(
-                f"{place.pointer_uri}: champion v{cur['version']} has no previous champion to "
-                "roll back to"
+                f"{place.pointer_uri}: champion v{cur['version']} has no previous champion that "
+                "verifies to roll back to" + "".join(f"; {r}" for r in repaired)
             )
-        storage.verify_version(
-            s3, place.model, prev["version"], expect_manifest_sha256=prev.get("manifest_sha256")
-        )
         new = {
             **prev,
             "promotion_id": rollback_id,
@@ -336,5 +370,5 @@ def rollback_pointer(place: Place, rollback_id: str) -> dict[str, Any]:
             tag = write_pointer(place, new, etag)
         except PreconditionFailed:
             continue
-        return {"new": new, "old": cur, "etag": tag}
+        return {"new": new, "old": cur, "etag": tag, "repaired": repaired}
     raise ChampionContention(f"{place.pointer_uri} kept changing during the rollback")

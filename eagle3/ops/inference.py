@@ -1,7 +1,9 @@
 """On-demand inference against the champion, confined to what it needs (the inference flow's work).
 
-A request may not override the storage, tracking and promote settings (nor the profile), and a
-deployment's run may not swap the deployment's recipe: `check_request`. Prompts are a list of
+A request sets only what a request is for: its prompts, output_uri, and overrides of the sampling
+settings and the token budget (`REQUEST_KEYS`); every other override (vllm.*, target.*,
+cache_dir, storage, tracking, promote, the profile, ...) is refused by name, and a deployment's run
+may not swap the deployment's recipe: `check_request`. Prompts are a list of
 strings or an s3:// JSONL in the configured bucket; outputs go only to
 s3://<bucket>/<prefix>/<model>/inference/ as a new object, never over an existing one.
 """
@@ -12,8 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Sections an inference run may not change: where champions and outputs live, and who decides.
-PROTECTED = ("storage", "tracking", "promote")
+# The only overrides an inference request may carry: sampling and the token budget. Everything
+# else (what is served, how, where it lives, who decides) comes from the deployment's recipe.
+REQUEST_KEYS = (
+    "infer.temperature",
+    "infer.top_p",
+    "infer.top_k_sampling",
+    "infer.max_new_tokens",
+    "seed",
+)
 
 
 def settings_or_none(recipe):
@@ -28,7 +37,7 @@ def settings_or_none(recipe):
 def check_request(
     config: Any, overrides: list[str] | None, deployment_config: Any, draft: str | None = None
 ) -> None:
-    """Refuse overrides of PROTECTED sections, (in a deployment's run) another recipe, and a
+    """Refuse any override outside REQUEST_KEYS, (in a deployment's run) another recipe, and a
     `draft` that is not a shipped head's name."""
     from eagle3.config import parse_override
     from eagle3.heads import known_heads
@@ -41,10 +50,12 @@ def check_request(
 
     for text in overrides or []:
         parts, _ = parse_override(text)
-        if parts[0] in PROTECTED or parts == ["profile"]:
+        key = ".".join(parts)
+        if key not in REQUEST_KEYS:
             raise PermissionError(
-                f"override {text!r}: inference may not change {parts[0]} settings "
-                f"({', '.join(PROTECTED)} and the profile come from the deployment's recipe)"
+                f"override {key}: an inference request may not change it (a request sets only "
+                f"{', '.join(REQUEST_KEYS)}, its prompts and output_uri; the rest comes from the "
+                "deployment's recipe)"
             )
     if deployment_config is not None and config != deployment_config:
         raise PermissionError(

@@ -111,7 +111,7 @@ def fetch_version(place: Place, version: str, dest: Path) -> Path:
 
 def manifest_meta(place: Place, recipe, version: str, rid: str, candidate: dict) -> dict:
     from eagle3.config import flatten
-    from eagle3.names import redact
+    from eagle3.names import redact, redact_mapping
 
     mv = place.tracker.version(place.model, version)
     tags = dict(mv.tags)
@@ -127,7 +127,7 @@ def manifest_meta(place: Place, recipe, version: str, rid: str, candidate: dict)
             "revision": tags.get("target_revision") or recipe.target.revision,
         },
         "eval_set": tags.get("eval_set"),
-        "recipe": flatten(recipe),
+        "recipe": redact_mapping(flatten(recipe)),  # immutable: nothing secret goes in
     }
 
 
@@ -285,7 +285,8 @@ def promote(
 def rollback(place: Place, step=run_step) -> dict[str, Any]:
     """Point champion.json back at the previous champion, then the alias; put it back if the
     alias cannot follow."""
-    reconciled = step("reconcile", ch.reconcile, place)
+    # A damaged champion is what a rollback repairs: reconcile reports it instead of refusing.
+    reconciled = step("reconcile", ch.reconcile, place, damaged_ok=True)
     done = step("rollback-champion-pointer", ch.rollback_pointer, place, ch.new_id())
     try:
         step("follow-champion-alias", ch.follow_alias, place, done["new"])
@@ -300,6 +301,7 @@ def rollback(place: Place, step=run_step) -> dict[str, Any]:
         "rolled_back_from": str(new.get("rolled_back_from", old.get("version"))),
         "uri": new["uri"],
         "reconciled": reconciled,
+        "repaired": done.get("repaired", []),
     }
 
 

@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -536,8 +537,14 @@ def check_prompts_uri(s: S3Settings, uri: str) -> str:
     return key
 
 
+# The characters an output key may hold: a backslash may become a `/` in SeaweedFS, and anything
+# else (spaces, %, control characters, unicode look-alikes) has no use in a name we choose.
+SAFE_KEY = re.compile(r"[A-Za-z0-9._/-]+")
+
+
 def check_output_uri(s: S3Settings, model: str, uri: str) -> str:
-    """Outputs go only under s3://<bucket>/<prefix>/<model>/inference/ as a .jsonl; returns the key."""
+    """Outputs go only under s3://<bucket>/<prefix>/<model>/inference/ as a .jsonl whose key holds
+    only [A-Za-z0-9._/-] and no `..`; returns the key."""
     bucket, key = parse_s3_uri(uri)
     allowed = f"s3://{s.bucket}/{inference_prefix(s, model)}"
     parts = key.split("/")
@@ -548,6 +555,10 @@ def check_output_uri(s: S3Settings, model: str, uri: str) -> str:
         or not key.endswith(".jsonl")
     ):
         raise OutsideScope(f"output_uri {uri}: inference writes only <name>.jsonl under {allowed}")
+    if not SAFE_KEY.fullmatch(key) or ".." in key:
+        raise OutsideScope(
+            f"output_uri {uri!r}: a key holds only letters, digits and . _ / - (and no `..`)"
+        )
     return key
 
 

@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eagle3.names import redact
+from eagle3.names import redact_value
 
 if TYPE_CHECKING:
     from eagle3.eval.report import BenchReport, VllmBlock
@@ -118,7 +118,7 @@ class Tracker:
 
     # --- runs -----------------------------------------------------------------------------------
     def start_run(self, name: str, parent_id: str | None = None, tags: dict | None = None) -> str:
-        t = {k: str(v) for k, v in (tags or {}).items() if v is not None}
+        t = {k: str(redact_value(v, k)) for k, v in (tags or {}).items() if v is not None}
         if parent_id:
             t["mlflow.parentRunId"] = parent_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=t)
@@ -136,7 +136,7 @@ class Tracker:
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        items = [RunTag(k, str(redact_value(v, k))) for k, v in tags.items() if v is not None]
         if items:
             self.client.log_batch(run_id, tags=items)
 
@@ -145,9 +145,10 @@ class Tracker:
 
         items = []
         for k, v in params.items():
+            v = redact_value(v, k)
             if isinstance(v, (list, dict)):
                 v = json.dumps(v, sort_keys=True)
-            text = redact("" if v is None else str(v))
+            text = "" if v is None else str(v)
             items.append(Param(k, text[:_PARAM_MAX]))
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
@@ -228,7 +229,10 @@ class Tracker:
         self.ensure_model(name, "EAGLE-3 draft heads (eagle3); aliases candidate and champion")
         source = f"{self.artifact_uri(run_id)}/{artifact_path}"
         mv = self.client.create_model_version(
-            name, source=source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}
+            name,
+            source=source,
+            run_id=run_id,
+            tags={k: str(redact_value(v, k)) for k, v in (tags or {}).items()},
         )
         self.client.set_registered_model_alias(name, "candidate", mv.version)
         return str(mv.version)
@@ -253,10 +257,10 @@ class Tracker:
 
     def set_version_tags(self, name: str, version: str | int, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
-            self.client.set_model_version_tag(name, str(version), k, str(v))
+            self.client.set_model_version_tag(name, str(version), k, str(redact_value(v, k)))
 
     def set_model_tag(self, name: str, key: str, value: Any) -> None:
-        self.client.set_registered_model_tag(name, key, str(value))
+        self.client.set_registered_model_tag(name, key, str(redact_value(value, key)))
 
     def model_tags(self, name: str) -> dict[str, str]:
         return dict(self.client.get_registered_model(name).tags)

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from eagle3.ops.procs import http_ok, loopback_url, pid_alive, port_free, stop_pid, write_private
@@ -57,7 +57,9 @@ class ServerSpec:
     seed: int = 0
     # CUDA builds: the share of GPU memory each server takes (benches run two side by side).
     gpu_memory_utilization: float = 0.4
-    extra_args: list[str] = field(default_factory=list)
+    # Model-free drafting (e.g. `{"method": "ngram", ...}`) for a server with no `draft`; the
+    # command line is built from these typed fields only, never from free-form arguments.
+    speculative_config: dict | None = None
 
 
 def is_cpu_build(python: Path | None = None) -> bool:
@@ -94,6 +96,8 @@ def server_command(python: Path, spec: ServerSpec, port: int, cpu: bool = True) 
         cmd.append("--enforce-eager")
     if not cpu:
         cmd += ["--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
+    if spec.draft and spec.speculative_config:
+        raise VLLMSetupError("a server spec has a draft or a speculative_config, not both")
     if spec.draft:
         cfg = {
             "method": "eagle3",
@@ -101,7 +105,9 @@ def server_command(python: Path, spec: ServerSpec, port: int, cpu: bool = True) 
             "num_speculative_tokens": int(spec.speculative_tokens),
         }
         cmd += ["--speculative-config", json.dumps(cfg)]
-    return cmd + list(spec.extra_args)
+    elif spec.speculative_config:
+        cmd += ["--speculative-config", json.dumps(spec.speculative_config)]
+    return cmd
 
 
 def preload_libs(venv: Path) -> list[str]:
@@ -364,7 +370,6 @@ def spec_from_recipe(recipe, draft: str | Path | None, port: int | None = None) 
         port=port if port is not None else v.port,
         seed=recipe.seed,
         gpu_memory_utilization=v.gpu_memory_utilization,
-        extra_args=list(v.extra_args),
     )
 
 
