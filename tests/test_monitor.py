@@ -114,3 +114,185 @@ def test_window_bounds_and_floor():
     low = Stats(requests=1, measured=1, drafts=10, accepted=2)
     assert below_floor(low, 1.5) and not below_floor(low, 1.2) and not below_floor(low, 0.0)
     assert not below_floor(Stats(requests=3), 1.5)  # nothing drafted: no acceptance to judge
+
+
+# --- the monitor flow on the real stack ------------------------------------------------------------
+@pytest.fixture()
+def base_recipe(tiny_recipe, tmp_path, s3_env):
+    """The tiny recipe, capturing, with a registered model of its own."""
+    import uuid
+
+    from eagle3.config import build_recipe
+
+    tree = tiny_recipe.model_dump(mode="json")
+    return build_recipe(
+        tree,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            f"tracking.registered_model=eagle3-monitor-{uuid.uuid4().hex[:8]}",
+            "traffic.capture=true",
+            f"traffic.spool_dir={tmp_path / 'spool'}",
+        ],
+    )
+
+
+@pytest.fixture()
+def monitor_recipe(base_recipe, mlflow_sqlite, prefect_harness):
+    from eagle3.config import build_recipe
+
+    tree = base_recipe.model_dump(mode="json")
+    return build_recipe(
+        tree,
+        [
+            "traffic.window_hours=1",
+            "traffic.acceptance_floor=1.5",
+            "traffic.min_records_to_adapt=8",
+            'traffic.canary_prompts=["Hello there", "Count to five"]',
+            "infer.max_new_tokens=6",
+        ],
+    )
+
+
+def seed(recipe, s3_env, tmp_path, rows: list[tuple]) -> None:
+    """rows: (when, champion_version, acceptance or None), uploaded as one batch per row."""
+    from eagle3.ops.tracking import registered_model_name
+    from eagle3.traffic.store import flush, spool
+
+    model = registered_model_name(recipe)
+    for i, (when, v, acc) in enumerate(rows):
+        spool([record(i, model, "t", when, champion_version=v, acceptance=acc)], tmp_path / "sp")
+    flush(s3_env, model, tmp_path / "sp")
+
+
+def read_events(model: str, names: list[str], want: int, timeout: float = 30.0) -> list:
+    """The events about `model` the test Prefect server has stored (its events API), waiting
+    for `want` of them: the events worker sends asynchronously and the server persists in
+    batches."""
+    import time
+
+    from prefect import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all()
+    flt = EventFilter(
+        event=EventNameFilter(name=names),
+        resource=EventResourceFilter(id=[f"eagle3.model.{model}"]),
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as c:
+            got = c.read_events(filter=flt, limit=50).events
+        if len(got) >= want or time.monotonic() > deadline:
+            return sorted(got, key=lambda e: e.occurred)
+        time.sleep(1.0)
+
+
+def history(recipe, run_id: str, key: str) -> list[tuple[int, float, int]]:
+    from flows.common import tracker
+
+    h = tracker(recipe).client.get_metric_history(run_id, key)
+    return sorted((m.step, m.value, m.timestamp) for m in h)
+
+
+def test_monitor_logs_windows_per_champion_emits_events_and_resumes(
+    monitor_recipe, s3_env, tmp_path
+):
+    from test_flows import make_report, register_candidate
+    from test_ops_storage import make_draft
+
+    from eagle3.ops.tracking import registered_model_name
+    from eagle3.traffic.monitor import closed_until, window_index
+    from flows.monitor import BELOW_FLOOR, ENOUGH, monitor_flow
+    from flows.promote import promote_flow
+
+    r = monitor_recipe
+    model = registered_model_name(r)
+    v1 = register_candidate(r, make_draft(r.run_path / "d0", seed=0), make_report(1.8, 1.3))
+    assert promote_flow(r, version=v1)["promoted"]
+
+    # windows after the promotion (the monitor's clock is its `now` parameter)
+    w0 = closed_until(datetime.now(UTC), 1) + timedelta(hours=1)
+    rows = [
+        (w0 + timedelta(minutes=5), v1, acceptance(10, 10, [6, 4])),  # window 0: 2.0
+        (w0 + timedelta(minutes=50), v1, acceptance(10, 12, [7, 5])),  # 2.2 -> 22/20 + 1 = 2.1
+        (w0 + timedelta(minutes=59), v1, None),  # counted as a request only
+        (w0 + timedelta(hours=1, minutes=1), v1, acceptance(10, 2, [2])),  # window 1: 1.2
+        (w0 + timedelta(hours=1, minutes=2), v1, acceptance(5, 1, [1])),  # 1.2 -> 3/15 + 1
+        (w0 + timedelta(hours=3, minutes=7), "0", acceptance(4, 4, [3, 1])),  # an older head
+        (w0 + timedelta(hours=3, minutes=9), v1, acceptance(4, 6, [4, 2])),  # window 3: 2.5
+        (w0 + timedelta(hours=4, minutes=1), v1, acceptance(4, 0, [])),  # open window: not yet
+    ]
+    seed(r, s3_env, tmp_path, rows)
+    now = w0 + timedelta(hours=4, minutes=30)
+    out = monitor_flow(config=r, now=now.isoformat())
+
+    i0 = window_index(w0, 1)
+    run = out["runs"][v1]
+    got = history(r, run, "traffic/acceptance_length")
+    start_ms = int(w0.timestamp() * 1000)
+    assert [(s, round(v, 6), ts) for s, v, ts in got] == [
+        (i0, 2.1, start_ms),
+        (i0 + 1, 1.2, start_ms + 3600_000),
+        (i0 + 3, 2.5, start_ms + 3 * 3600_000),
+    ]
+    assert [v for _, v, _ in history(r, run, "traffic/requests")] == [3, 2, 1]
+    assert [round(v, 6) for _, v, _ in history(r, run, "traffic/accept_pos_0")] == [
+        0.65,
+        0.2,
+        1.0,
+    ]
+    old = out["runs"]["0"]
+    assert [(s, v) for s, v, _ in history(r, old, "traffic/acceptance_length")] == [(i0 + 3, 2.0)]
+    from flows.common import tracker
+
+    tags = tracker(r).run(run).data.tags
+    assert tags["eagle3.champion_version"] == v1 and tags["eagle3.model"] == model
+
+    # the canary ran now through our engine, logged at the last closed window
+    canary = history(r, run, "canary/requests")
+    assert [(s, v) for s, v, _ in canary] == [(i0 + 3, 2)]
+    assert out["canary"]["canary/drafts"] > 0 and "canary/acceptance_length" in out["canary"]
+
+    # events: window 1 is under the floor; 8 records since the promotion are enough
+    assert ENOUGH in out["events"] and BELOW_FLOOR in out["events"]
+    evs = read_events(model, [BELOW_FLOOR, ENOUGH], want=len(out["events"]))
+    assert sorted(e.event for e in evs) == sorted(out["events"])
+    traffic_low = [e for e in evs if e.event == BELOW_FLOOR and e.payload["source"] == "traffic"]
+    assert [e.payload["step"] for e in traffic_low] == [i0 + 1]
+    assert traffic_low[0].payload["acceptance_length"] == pytest.approx(1.2)
+    assert traffic_low[0].resource["eagle3.champion_version"] == v1
+    enough = [e for e in evs if e.event == ENOUGH]
+    assert len(enough) == 1 and enough[0].payload["records"] == 8
+    n_events = len(evs)
+
+    # a rerun logs nothing twice and announces nothing again
+    again = monitor_flow(config=r, now=now.isoformat())
+    assert again["windows"] == [] and "canary" not in again and again["events"] == []
+    redo = monitor_flow(config=r, now=now.isoformat(), since=w0.isoformat(), canary=False)
+    assert redo["windows"] == [] and redo["already_logged"] == 4
+    assert len(history(r, run, "traffic/acceptance_length")) == 3
+    assert len(history(r, run, "canary/requests")) == 1
+
+    # an hour later the open window has closed: it alone is logged
+    later = monitor_flow(config=r, now=(now + timedelta(hours=1)).isoformat(), canary=False)
+    assert [(w["version"], w["step"]) for w in later["windows"]] == [(v1, i0 + 4)]
+    assert later["windows"][0]["traffic/acceptance_length"] == pytest.approx(1.0)
+    assert len(read_events(model, [BELOW_FLOOR, ENOUGH], want=n_events + 1)) == n_events + 1
+
+
+def test_retention_flow_deletes_only_expired_batches(
+    base_recipe, s3_env, tmp_path, prefect_harness
+):
+    from test_traffic import stored_records
+
+    from eagle3.ops.tracking import registered_model_name
+    from flows.monitor import retention_flow
+
+    r = base_recipe  # traffic.retention_days: 90 (the default)
+    model = registered_model_name(r)
+    seed(r, s3_env, tmp_path, [(T0 - timedelta(days=d), "1", None) for d in (0, 89, 91, 200)])
+    out = retention_flow(config=r, now=T0.isoformat())
+    assert len(out["deleted"]) == 2 and out["retention_days"] == 90
+    assert sorted(x["id"] for x in stored_records(s3_env, model)) == ["r0000", "r0001"]
+    assert retention_flow(config=r, now=T0.isoformat())["deleted"] == []
