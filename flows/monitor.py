@@ -205,9 +205,9 @@ def monitor_flow(
     cursor = mtags.get(mon.CURSOR_TAG) if mtags else None
     start = parse_time(since) if since else (parse_time(cursor) if cursor else None)
     champ_ptr, baseline = baseline_task(r)
-    read_from = start
-    if tc.min_records_to_adapt and (start is None or baseline is None or baseline < start):
-        read_from = baseline
+    read_from = start  # the enough-traffic count may need older records than the windows do
+    if tc.min_records_to_adapt and start is not None:
+        read_from = None if baseline is None else min(start, baseline)
     records, bad = read_traffic_task(r, model, read_from, now_t)
     in_range = [x for x in records if (start is None or x.when >= start) and x.when < until]
     wins = windows(in_range, hours)

@@ -214,11 +214,12 @@ def test_monitor_logs_windows_per_champion_emits_events_and_resumes(
     # windows after the promotion (the monitor's clock is its `now` parameter)
     w0 = closed_until(datetime.now(UTC), 1) + timedelta(hours=1)
     rows = [
-        (w0 + timedelta(minutes=5), v1, acceptance(10, 10, [6, 4])),  # window 0: 2.0
-        (w0 + timedelta(minutes=50), v1, acceptance(10, 12, [7, 5])),  # 2.2 -> 22/20 + 1 = 2.1
+        (w0 - timedelta(days=2), "0", acceptance(4, 2, [2])),  # before the promotion
+        (w0 + timedelta(minutes=5), v1, acceptance(10, 10, [6, 4])),  # window 0
+        (w0 + timedelta(minutes=50), v1, acceptance(10, 12, [7, 5])),  # window 0: 42/20 = 2.1
         (w0 + timedelta(minutes=59), v1, None),  # counted as a request only
-        (w0 + timedelta(hours=1, minutes=1), v1, acceptance(10, 2, [2])),  # window 1: 1.2
-        (w0 + timedelta(hours=1, minutes=2), v1, acceptance(5, 1, [1])),  # 1.2 -> 3/15 + 1
+        (w0 + timedelta(hours=1, minutes=1), v1, acceptance(10, 2, [2])),  # window 1
+        (w0 + timedelta(hours=1, minutes=2), v1, acceptance(5, 1, [1])),  # window 1: 18/15 = 1.2
         (w0 + timedelta(hours=3, minutes=7), "0", acceptance(4, 4, [3, 1])),  # an older head
         (w0 + timedelta(hours=3, minutes=9), v1, acceptance(4, 6, [4, 2])),  # window 3: 2.5
         (w0 + timedelta(hours=4, minutes=1), v1, acceptance(4, 0, [])),  # open window: not yet
@@ -243,7 +244,10 @@ def test_monitor_logs_windows_per_champion_emits_events_and_resumes(
         1.0,
     ]
     old = out["runs"]["0"]
-    assert [(s, v) for s, v, _ in history(r, old, "traffic/acceptance_length")] == [(i0 + 3, 2.0)]
+    assert [(s, v) for s, v, _ in history(r, old, "traffic/acceptance_length")] == [
+        (i0 - 48, 1.5),
+        (i0 + 3, 2.0),
+    ]
     from flows.common import tracker
 
     tags = tracker(r).run(run).data.tags
@@ -263,14 +267,14 @@ def test_monitor_logs_windows_per_champion_emits_events_and_resumes(
     assert traffic_low[0].payload["acceptance_length"] == pytest.approx(1.2)
     assert traffic_low[0].resource["eagle3.champion_version"] == v1
     enough = [e for e in evs if e.event == ENOUGH]
-    assert len(enough) == 1 and enough[0].payload["records"] == 8
+    assert len(enough) == 1 and enough[0].payload["records"] == 8  # since the promotion
     n_events = len(evs)
 
     # a rerun logs nothing twice and announces nothing again
     again = monitor_flow(config=r, now=now.isoformat())
     assert again["windows"] == [] and "canary" not in again and again["events"] == []
     redo = monitor_flow(config=r, now=now.isoformat(), since=w0.isoformat(), canary=False)
-    assert redo["windows"] == [] and redo["already_logged"] == 4
+    assert redo["windows"] == [] and redo["already_logged"] == 4  # since w0: not the older one
     assert len(history(r, run, "traffic/acceptance_length")) == 3
     assert len(history(r, run, "canary/requests")) == 1
 
