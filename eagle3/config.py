@@ -364,6 +364,26 @@ class TrafficConfig(Section):
     spool_dir: str | None = None  # None: <EAGLE3_HOME>/traffic-spool/<model>
     # The newest share of the traffic source's records is held out (never trained on).
     held_out_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    # The monitor (flows/monitor.py) cuts served traffic into fixed windows of this many hours
+    # (aligned to the Unix epoch; a window's MLflow step is its index since the epoch).
+    window_hours: int = Field(default=1, ge=1, le=24 * 7)
+    # Acceptance length (tokens per verify cycle) under which a window emits the Prefect event
+    # eagle3.acceptance.below-floor; 0 turns the check off.
+    acceptance_floor: float = Field(default=0.0, ge=0.0)
+    # Records served since the champion was promoted that emit eagle3.traffic.enough (the
+    # adaptation deployment's trigger); 0 turns the event off.
+    min_records_to_adapt: int = Field(default=1000, ge=0)
+    # A fixed prompt set the monitor runs through the serving engine (greedy, capture off) each
+    # window, so a broken server or head is told apart from shifted traffic; [] turns it off.
+    canary_prompts: list[str] = Field(
+        default_factory=lambda: [
+            "What is the capital of France?",
+            "Write a Python function that reverses a string.",
+            "Natalia sold clips to 48 of her friends in April, and then she sold half as many "
+            "clips in May. How many clips did Natalia sell altogether in April and May?",
+            "Give three tips for staying healthy.",
+        ]
+    )
 
     @field_validator("redact")
     @classmethod

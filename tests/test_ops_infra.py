@@ -135,7 +135,13 @@ def test_prefect_yaml_deployments():
     model = PrefectYamlModel.model_validate(raw)
     deps = {d.name: d for d in model.deployments}
     assert {"scheduled", "on-demand", "scheduled-gpu", "on-demand-gpu"} <= set(deps)
-    expect_flow = {"scheduled": "eagle3-pipeline", "on-demand": "eagle3-infer"}
+    expect_flow = {
+        "scheduled": "eagle3-pipeline",
+        "on-demand": "eagle3-infer",
+        "monitor": "eagle3-monitor",
+        "traffic-retention": "eagle3-traffic-retention",
+        "on-traffic": "eagle3-pipeline",
+    }
     pools = {"eagle3-local", "eagle3-gpu"}
     readme = (INFRA / "README.md").read_text()
     for name, d in deps.items():
@@ -152,6 +158,26 @@ def test_prefect_yaml_deployments():
     assert deps["scheduled"].schedules and deps["scheduled"].schedules[0].cron == "0 3 * * 1"
     assert not deps["on-demand"].schedules
     assert deps["scheduled-gpu"].work_pool.job_variables["gpus"] == 1
+    assert deps["monitor"].schedules[0].cron == "5 * * * *" and deps["traffic-retention"].schedules
+
+
+def test_the_traffic_event_triggers_adaptation_of_its_own_model():
+    """on-traffic's trigger validates as Prefect builds it at deploy time and matches the event
+    the monitor emits for the registered model of the deployment's own recipe."""
+    from prefect.cli.deploy._triggers import _initialize_deployment_triggers
+
+    from eagle3.config import load_recipe
+    from eagle3.ops.tracking import registered_model_name
+    from flows.monitor import ENOUGH, resource_id
+
+    deps = {d["name"]: d for d in load(ROOT / "prefect.yaml")["deployments"]}
+    dep = deps["on-traffic"]
+    (trig,) = _initialize_deployment_triggers(dep["name"], dep["triggers"])
+    model = registered_model_name(load_recipe(ROOT / dep["parameters"]["config"]))
+    assert trig.expect == {ENOUGH} and trig.enabled
+    assert trig.match.root["prefect.resource.id"] == resource_id(model)
+    assert not dep.get("schedules")  # the event starts it, not the clock
+    assert all(not d.get("triggers") for n, d in deps.items() if n != "on-traffic")
 
 
 def test_workers_get_a_least_privilege_bucket_user():
