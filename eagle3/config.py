@@ -179,6 +179,9 @@ class DataConfig(Section):
     feature_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     max_disk_gb: float = Field(default=50.0, gt=0)  # refuse feature shards above this (GB = 1e9 B)
     draft_vocab_size: int = Field(default=32000, ge=1)
+    # A draft checkpoint dir whose vocabulary (d2t, t2d) the data stage keeps instead of counting
+    # one: a head fine-tuned from that checkpoint (train.init_from) must keep its vocabulary.
+    vocab_from: str | None = None
     val_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
     # Extra data stages made by the same command and mixed into training (their own sources and
     # regenerate setting; everything else as above). Validation stays the main stage's.
