@@ -148,3 +148,116 @@ def test_kept_vocab_is_the_checkpoints_with_coverage_of_the_new_data(tmp_path):
     assert v.coverage == pytest.approx(7 / 10) and v.seen == 3
     with pytest.raises(ValueError, match="target vocabulary of 10 tokens, this target has 11"):
         kept_vocab(tmp_path, torch.zeros(11, dtype=torch.long))
+
+
+# --- the flow on the real stack ---------------------------------------------------------------------
+@pytest.fixture()
+def adapt_base(tiny_recipe, tmp_path, s3_env):
+    """The tiny recipe, cut to seconds: a unique model, short benches (2 prompts, 12 tokens,
+    HF generate as the only baseline), replay from 8 ShareGPT conversations, 6 steps."""
+    import uuid
+
+    from eagle3.config import build_recipe
+
+    return build_recipe(
+        tiny_recipe.model_dump(mode="json"),
+        [
+            f"run_dir={tmp_path / 'run'}",
+            f"tracking.registered_model=eagle3-adapt-{uuid.uuid4().hex[:8]}",
+            "data.sources=[{name: sharegpt, limit: 8}]",
+            "data.max_new_tokens=12",
+            "eval.limit=2",
+            "eval.max_new_tokens=12",
+            "eval.warmup=0",
+            "eval.baselines=[hf_generate]",
+            "adapt.max_steps=6",
+            "adapt.replay_share=0.3",
+            "promote.tolerance=0.9",  # the general set's speed on 2 prompts is noise here
+        ],
+    )
+
+
+def seed_regenerated_traffic(recipe, s3_env, tmp_path, n: int = 10) -> None:
+    """n served requests whose answers the data stage regenerates (no token ids recorded)."""
+    from datetime import timedelta
+
+    from test_traffic import T0, record, target_slug
+
+    from eagle3.ops.tracking import registered_model_name
+    from eagle3.traffic.store import flush, spool
+
+    model = registered_model_name(recipe)
+    recs = [
+        record(
+            i,
+            model,
+            target_slug(recipe),
+            T0 + timedelta(minutes=i),
+            completion={"text": "...", "finish_reason": "stop"},
+        )
+        for i in range(n)
+    ]
+    spool(recs, tmp_path / "seed")
+    flush(s3_env, model, tmp_path / "seed")
+
+
+@pytest.mark.slow
+def test_adapt_flow_promotes_only_what_the_decision_lets_through(
+    adapt_base, s3_env, mlflow_sqlite, prefect_harness, tiny_trained_head, tmp_path
+):
+    from test_flows import champion_alias, make_report, register_candidate
+
+    from eagle3.models.checkpoint import save_draft
+    from eagle3.ops.champion_fetch import resolve_champion
+    from eagle3.ops.tracking import registered_model_name
+    from flows.adapt import adapt_flow
+    from flows.common import tracker
+
+    r = adapt_base
+    model = registered_model_name(r)
+    champ = save_draft(tiny_trained_head, tmp_path / "champion")
+    v1 = register_candidate(r, champ, make_report(1.2, 1.0))
+    from flows.promote import promote_flow
+
+    assert promote_flow(r, version=v1)["promoted"]
+    seed_regenerated_traffic(r, s3_env, tmp_path)
+    window = {"since": "2026-12-01T00:00:00Z", "until": "2026-12-02T00:00:00Z"}
+
+    # An impossible margin: the candidate is registered and refused, the champion stays.
+    out = adapt_flow(r, overrides=["adapt.min_acceptance_gain=100"], **window)
+    assert not out["adapt"]["promote"] and not out["promoted"]
+    assert any("min_acceptance_gain 100" in x for x in out["adapt"]["reasons"])
+    assert resolve_champion(r)["version"] == v1 and champion_alias(r) == v1
+    t = tracker(r)
+    run_tags = t.run(out["mlflow_run_id"]).data.tags
+    assert run_tags["eagle3.parent_version"] == v1
+    assert run_tags["eagle3.traffic_since"] == window["since"]
+    assert run_tags["eagle3.traffic_until"] == window["until"]
+    assert run_tags["eagle3.data_digest"] == out["data_digest"]
+    assert run_tags["eagle3.adapt"] == "REJECT" and run_tags["eagle3.promoted"] == "false"
+    vtags = t.version(model, out["version"]).tags
+    assert vtags["parent_version"] == v1 and vtags["adapt"] == "REJECT"
+    assert vtags["traffic_until"] == window["until"] and vtags["data_digest"] == out["data_digest"]
+    held = out["numbers"]["candidate"]["traffic"]
+    assert (
+        held["lossless"] is True
+        and held["eval_set"] != out["numbers"]["candidate"]["general"]["eval_set"]
+    )  # the held-out traffic and the general set are different eval sets
+
+    # Permissive margins: the same data and training (cached); promoted exactly when the decision
+    # and the gate say so, and then the champion is the adapted head.
+    out = adapt_flow(
+        r,
+        overrides=[
+            "adapt.min_acceptance_gain=0",
+            "adapt.min_speed_gain=0",
+            "adapt.max_general_loss=0.9",
+        ],
+        **window,
+    )
+    gate_ok = out["gate"]["promote"]
+    assert out["promoted"] == (out["adapt"]["promote"] and gate_ok), out
+    now = resolve_champion(r)["version"]
+    assert now == (out["version"] if out["promoted"] else v1)
+    assert out["adapt"]["promote"], out["adapt"]["reasons"]  # trained on the target's answers
+    assert out["promoted"] and champion_alias(r) == out["version"]

@@ -115,6 +115,36 @@ def held_out_prompts(records: list, val_ids) -> list[dict[str, Any]]:
     ]
 
 
+def window_counts(recipe, since: str | None, until: str | None) -> dict[str, int]:
+    """{records, held_out, train} of the traffic window (read from S3, split as the data stage
+    will split it); raises the traffic source's SourceError when the window is too small."""
+    from eagle3.config import SourceSpec
+    from eagle3.traffic.source import load_traffic
+
+    t = load_traffic(recipe, SourceSpec(name=TRAFFIC, since=since, until=until))
+    n, held = len(t.records), len(t.held_out)
+    return {"records": n, "held_out": held, "train": n - held}
+
+
+def write_held_out(recipe, val_ids, path: str | Path) -> int:
+    """Write the held-out traffic prompts of the adapted recipe's data stage (`val_ids`: its
+    manifest's split.val_ids) to `path` as JSONL ({id, turns}); returns how many."""
+    import json
+
+    from eagle3.io import write_atomic
+    from eagle3.traffic.source import load_traffic
+
+    (spec,) = recipe.data.sources
+    rows = held_out_prompts(load_traffic(recipe, spec).records, val_ids)
+    if not rows:
+        raise ValueError(
+            f"no held-out traffic prompt in {recipe.run_path}: the data stage held out none of "
+            "the window's records"
+        )
+    write_atomic(Path(path), "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return len(rows)
+
+
 def bench_recipes(recipe, held_out_file: str | Path):
     """(recipe benching the held-out traffic prompts in `held_out_file`, recipe benching the
     general set): same engine and decoding settings, only the eval sets and limits differ."""
