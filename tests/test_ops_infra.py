@@ -135,7 +135,11 @@ def test_prefect_yaml_deployments():
     model = PrefectYamlModel.model_validate(raw)
     deps = {d.name: d for d in model.deployments}
     assert {"scheduled", "on-demand", "scheduled-gpu", "on-demand-gpu"} <= set(deps)
-    expect_flow = {"scheduled": "eagle3-pipeline", "on-demand": "eagle3-infer"}
+    expect_flow = {
+        "scheduled": "eagle3-pipeline",
+        "on-demand": "eagle3-infer",
+        "adapt": "eagle3-adapt",
+    }
     pools = {"eagle3-local", "eagle3-gpu"}
     readme = (INFRA / "README.md").read_text()
     for name, d in deps.items():
@@ -151,6 +155,7 @@ def test_prefect_yaml_deployments():
             CronSchedule(cron=s.cron, timezone=s.timezone)
     assert deps["scheduled"].schedules and deps["scheduled"].schedules[0].cron == "0 3 * * 1"
     assert not deps["on-demand"].schedules
+    assert not deps["adapt"].schedules  # started on demand (or by an automation), never by cron
     assert deps["scheduled-gpu"].work_pool.job_variables["gpus"] == 1
 
 
