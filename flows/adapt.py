@@ -34,8 +34,14 @@ WHO = ("candidate", "champion")
 WHERE = ("traffic", "general")
 
 
-@task(name="count-traffic", retries=2, retry_delay_seconds=RETRY_DELAYS[:2])
+@task(
+    name="count-traffic",
+    retries=2,
+    retry_delay_seconds=RETRY_DELAYS[:2],
+    retry_condition_fn=s3_retryable,
+)
 def count_task(recipe, since: str | None, until: str | None) -> dict:
+    """The window's records, held out and trained on; a window too small is refused, not retried."""
     from eagle3.traffic.adapt import window_counts
 
     return window_counts(recipe, since, until)
