@@ -259,5 +259,8 @@ def test_adapt_flow_promotes_only_what_the_decision_lets_through(
     assert out["promoted"] == (out["adapt"]["promote"] and gate_ok), out
     now = resolve_champion(r)["version"]
     assert now == (out["version"] if out["promoted"] else v1)
-    assert out["adapt"]["promote"], out["adapt"]["reasons"]  # trained on the target's answers
+    # On the tiny target both heads measure tau 1.0 on these prompts (nothing accepted), so the
+    # permissive margins (gain >= 0, any speed) are what let this one through: this checks the
+    # wiring of decision -> gate -> compare-and-swap, not that adaptation improved the head.
+    assert out["adapt"]["promote"], out["adapt"]["reasons"]
     assert out["promoted"] and champion_alias(r) == out["version"]
