@@ -179,6 +179,9 @@ class DataConfig(Section):
     feature_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     max_disk_gb: float = Field(default=50.0, gt=0)  # refuse feature shards above this (GB = 1e9 B)
     draft_vocab_size: int = Field(default=32000, ge=1)
+    # A draft checkpoint dir whose vocabulary (d2t, t2d) the data stage keeps instead of counting
+    # one: a head fine-tuned from that checkpoint (train.init_from) must keep its vocabulary.
+    vocab_from: str | None = None
     val_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
     # Extra data stages made by the same command and mixed into training (their own sources and
     # regenerate setting; everything else as above). Validation stays the main stage's.
@@ -394,6 +397,29 @@ class TrafficConfig(Section):
         return v
 
 
+class AdaptConfig(Section):
+    """Adaptation (flows/adapt.py, eagle3/traffic/adapt.py): fine-tune the champion on a window of
+    served traffic plus a replay share of the recipe's own data, and promote the result only when
+    it beats the champion on the held-out newest traffic and keeps the general set."""
+
+    # Share of the training mix taken from the recipe's own data.sources (replay against
+    # forgetting): replay conversations = share / (1 - share) x traffic conversations trained on.
+    replay_share: float = Field(default=0.3, ge=0.0, lt=1.0)
+    # The short schedule from the champion's weights; lr None: train.lr.
+    max_steps: int | None = Field(default=200, ge=1)
+    epochs: int = Field(default=1, ge=1)
+    lr: float | None = Field(default=None, ge=0.0)
+    # Margins on the held-out newest traffic, candidate vs champion benched in the same run:
+    # acceptance length (tau) gain, absolute; speed = the candidate's speedup over the champion's
+    # (vs promote.speedup_baseline), a ratio (1.0: not slower).
+    min_acceptance_gain: float = Field(default=0.05, ge=0.0)
+    min_speed_gain: float = Field(default=1.0, ge=0.0)
+    # On the general set (eval.datasets): at most this share lower tau than the champion's.
+    max_general_loss: float = Field(default=0.05, ge=0.0, lt=1.0)
+    held_out_limit: int | None = Field(default=None, ge=1)  # held-out prompts benched; None: all
+    general_limit: int | None = Field(default=None, ge=1)  # prompts per eval set; None: eval.limit
+
+
 class Recipe(Section):
     name: str
     run_dir: str | None = None
@@ -409,6 +435,7 @@ class Recipe(Section):
     infer: InferConfig = Field(default_factory=InferConfig)
     vllm: VllmConfig = Field(default_factory=VllmConfig)
     traffic: TrafficConfig = Field(default_factory=TrafficConfig)
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig)
     # Named override sets, e.g. `demo` and `full`, chosen with `--profile` or `profile=NAME`.
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
     profile: str | None = None

@@ -140,7 +140,7 @@ def test_prefect_yaml_deployments():
         "on-demand": "eagle3-infer",
         "monitor": "eagle3-monitor",
         "traffic-retention": "eagle3-traffic-retention",
-        "on-traffic": "eagle3-pipeline",
+        "adapt": "eagle3-adapt",
     }
     pools = {"eagle3-local", "eagle3-gpu"}
     readme = (INFRA / "README.md").read_text()
@@ -157,27 +157,44 @@ def test_prefect_yaml_deployments():
             CronSchedule(cron=s.cron, timezone=s.timezone)
     assert deps["scheduled"].schedules and deps["scheduled"].schedules[0].cron == "0 3 * * 1"
     assert not deps["on-demand"].schedules
+    assert not deps["adapt"].schedules  # started on demand (or by an automation), never by cron
     assert deps["scheduled-gpu"].work_pool.job_variables["gpus"] == 1
     assert deps["monitor"].schedules[0].cron == "5 * * * *" and deps["traffic-retention"].schedules
 
 
 def test_the_traffic_event_triggers_adaptation_of_its_own_model():
-    """on-traffic's trigger validates as Prefect builds it at deploy time and matches the event
-    the monitor emits for the registered model of the deployment's own recipe."""
+    """The adapt deployment's trigger validates as Prefect builds it at deploy time, matches the
+    event the monitor emits for the registered model of the deployment's own recipe, and renders
+    the event's window as the flow's since/until."""
+    import inspect
+
+    import jinja2
     from prefect.cli.deploy._triggers import _initialize_deployment_triggers
 
     from eagle3.config import load_recipe
     from eagle3.ops.tracking import registered_model_name
+    from flows.adapt import adapt_flow
     from flows.monitor import ENOUGH, resource_id
 
     deps = {d["name"]: d for d in load(ROOT / "prefect.yaml")["deployments"]}
-    dep = deps["on-traffic"]
+    dep = deps["adapt"]
     (trig,) = _initialize_deployment_triggers(dep["name"], dep["triggers"])
     model = registered_model_name(load_recipe(ROOT / dep["parameters"]["config"]))
     assert trig.expect == {ENOUGH} and trig.enabled
     assert trig.match.root["prefect.resource.id"] == resource_id(model)
     assert not dep.get("schedules")  # the event starts it, not the clock
-    assert all(not d.get("triggers") for n, d in deps.items() if n != "on-traffic")
+    assert all(not d.get("triggers") for n, d in deps.items() if n != "adapt")
+    params = inspect.signature(adapt_flow.fn).parameters
+    assert set(trig.parameters) <= set(params)
+
+    def render(payload: dict) -> dict:
+        return {k: jinja2.Template(str(v)).render(event={"payload": payload})
+                for k, v in trig.parameters.items()}  # fmt: skip
+
+    window = {"since": "2026-12-01T00:00:00Z", "until": "2026-12-02T00:00:00Z"}
+    got = render(window)
+    assert (got["since"], got["until"]) == (window["since"], window["until"])
+    assert render({**window, "since": None})["since"] == ""  # adapt_flow reads "" as no start
 
 
 def test_workers_get_a_least_privilege_bucket_user():

@@ -288,10 +288,30 @@ def _split(
     return val
 
 
+def kept_vocab(ckpt_dir: str | Path, counts: torch.Tensor) -> DraftVocab:
+    """The draft vocabulary of the checkpoint in `ckpt_dir` (data.vocab_from), with its coverage
+    of this data's trainable tokens (`counts`: their frequencies over the target vocabulary)."""
+    from eagle3.models.checkpoint import read_tensors
+
+    t = read_tensors(ckpt_dir)
+    d2t, t2d = t["d2t"].long(), t["t2d"].bool()
+    if len(t2d) != len(counts):
+        raise ValueError(
+            f"data.vocab_from {ckpt_dir}: its draft maps a target vocabulary of {len(t2d)} "
+            f"tokens, this target has {len(counts)}"
+        )
+    total = int(counts.sum())
+    coverage = float(counts[t2d].sum()) / total if total else 0.0
+    return DraftVocab(d2t=d2t, t2d=t2d, coverage=coverage, seen=int((counts > 0).sum()), padded=0)
+
+
 def _build_vocab(train: list[TokenSample], source: TargetSource, data) -> DraftVocab:
-    """The draft vocabulary from the trainable tokens of the training samples."""
+    """The draft vocabulary from the trainable tokens of the training samples (or data.vocab_from's,
+    kept)."""
     vocab_size = source.config().vocab_size
     counts = torch.zeros(vocab_size, dtype=torch.long)
     for s in train:
         counts += count_tokens(vocab_size, s.input_ids, s.loss_mask)
+    if data.vocab_from:  # fine-tuning a head keeps its vocabulary
+        return kept_vocab(data.vocab_from, counts)
     return build_draft_vocab(counts, data.draft_vocab_size)

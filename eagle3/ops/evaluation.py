@@ -94,3 +94,20 @@ def champion_on_eval_set(
     out["version"] = version
     out["source"] = "re-benchmarked on this eval set"
     return out
+
+
+def report_numbers(recipe, report, version: str | None = None, source: str | None = None) -> dict:
+    """The gate numbers (GateNumbers as a dict) of one bench report under `recipe`'s eval set."""
+    from eagle3.ops.gate import gate_metrics
+    from eagle3.ops.tracking import eval_set_signature, report_metrics
+
+    out = gate_metrics(
+        report_metrics(report) | headfree_names(report),
+        recipe.promote.speedup_baseline,
+        eval_set_signature(recipe, report),
+    )
+    return (
+        out
+        | ({"version": str(version)} if version else {})
+        | ({"source": source} if source else {})
+    )
