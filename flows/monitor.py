@@ -28,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import (
     RETRY_DELAYS,
+    ensure_gpu_limit,
     resolve_recipe,
     s3_retryable,
     tag_flow_run,
@@ -124,16 +125,11 @@ def log_windows_task(recipe, model: str, wins: list) -> dict:
     return {"logged": logged, "already": already, "runs": runs}
 
 
-@task(
-    name="canary",
-    tags=["gpu"],
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
-def canary_task(recipe, champ: dict) -> list[dict]:
+def run_canary(recipe, champ: dict) -> list[dict]:
     """The canary prompts through the serving engine (our engine or vLLM, as inference serves
     them), greedy, against the champion downloaded and verified as inference does; never
-    captured."""
+    captured. A plain function calling the inference flow's tasks, not a task itself: a task
+    tagged `gpu` around generate_task (also `gpu`) would wait for the slot it holds."""
     from flows.infer import fetch_task, generate_task
 
     tmp = tempfile.mkdtemp(prefix="eagle3-canary-")
@@ -195,6 +191,7 @@ def monitor_flow(
 
     r = resolve_recipe(config, overrides)
     tag_flow_run(r)
+    ensure_gpu_limit()  # the canary's generate holds a `gpu` slot like every decoding task
     tc = r.traffic
     model = registered_model_name(r)
     t = tracker(r)
@@ -244,7 +241,7 @@ def monitor_flow(
             from flows.infer import resolve_champion_task
 
             champ = resolve_champion_task(r)
-            rows = canary_task(r, champ)
+            rows = run_canary(r, champ)
             stats = summed(row.get("acceptance") for row in rows)
             ts = int(window_start(last, hours).timestamp() * 1000)
             m = stats.metrics("canary")
