@@ -350,8 +350,10 @@ def test_serve_fetches_the_champion_verified(recipe, tiny_drafts, s3_env, tmp_pa
     v1 = register_candidate(recipe, tiny_drafts[0], make_report(1.8, 1.3))
     assert promote_flow(recipe, version=v1)["promoted"]
     monkeypatch.setenv("EAGLE3_VLLM_DIR", str(tmp_path / "vllm"))
-    got = Path(_fetch_champion(recipe))
+    path, version = _fetch_champion(recipe)
+    got = Path(path)
     assert got.parent == tmp_path / "vllm" and got.name.endswith(f"-v{v1}")
+    assert version == str(v1)  # what `serve --record` writes as each record's champion_version
     for f in ("config.json", "model.safetensors"):
         assert (got / f).read_bytes() == (tiny_drafts[0] / f).read_bytes()
 
