@@ -89,6 +89,61 @@ def test_acceptance_of_cycle_gains_matches_a_naive_count():
 
 
 @pytest.mark.unit
+def test_serve_recorder_credits_counters_only_to_a_request_alone_since_an_idle_read():
+    """eagle3/serve/recorder.py's Exclusive against a naive reading of the rule: a request gets
+    the counters diffed around it only if it ran alone and its "before" was read while the
+    server was idle after everything that started before it."""
+    from eagle3.serve.recorder import Exclusive
+
+    g = Exclusive()
+    assert g.begin() == (1, None)  # no idle read yet: no base
+    assert g.end(1) and g.idle_since(1)
+    g.keep("c1", 1)
+    t, base = g.begin()
+    assert (t, base) == (2, "c1")
+    t3, base3 = g.begin()  # overlaps 2
+    assert base3 is None and not g.end(t) and not g.idle_since(t)
+    assert not g.end(t3)  # 3 started while 2 ran: neither was alone
+    assert g.idle_since(t3)
+    g.keep("c3", t3)
+    t4, base4 = g.begin()
+    assert base4 == "c3" and g.end(t4)
+    g.keep("stale", 1)  # a read tagged before request 4 started is never a base
+    assert g.begin()[1] is None
+
+
+@pytest.mark.unit
+def test_serve_recorder_assembles_streamed_and_plain_answers():
+    import json as _json
+
+    from eagle3.serve.recorder import StreamParser, answer_of_body, sampling_of, wants_capture
+
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant"}, "token_ids": []}]},
+        {"choices": [{"index": 0, "delta": {"content": "Hel"}, "token_ids": [5, 6]}]},
+        {
+            "choices": [
+                {"index": 0, "delta": {"content": "lo"}, "token_ids": [7], "finish_reason": "stop"}
+            ]
+        },  # fmt: skip
+    ]
+    raw = b"".join(b"data: " + _json.dumps(c).encode() + b"\n\n" for c in chunks)
+    raw += b"data: [DONE]\n\n"
+    p = StreamParser()
+    for i in range(0, len(raw), 7):  # events split anywhere across network chunks
+        p.feed(raw[i : i + 7])
+    a = p.answer
+    assert (a.text, a.token_ids, a.has_ids, a.finish_reason, a.choices) == (
+        "Hello", [5, 6, 7], True, "stop", 1)  # fmt: skip
+    body = {"choices": [{"index": 0, "message": {"content": "Hi"}, "finish_reason": "length"}]}
+    b = answer_of_body(_json.dumps(body).encode())
+    assert (b.text, b.has_ids, b.finish_reason) == ("Hi", False, "length")
+    assert sampling_of({"max_tokens": 9}) == {
+        "temperature": 1.0, "top_p": 1.0, "max_tokens": 9, "seed": None}  # fmt: skip
+    assert not wants_capture({"x-eagle3-capture": " OFF "}) and wants_capture({})
+
+
+@pytest.mark.unit
 def test_redaction_removes_the_secret_and_the_token_ids():
     from eagle3.config import TrafficConfig
     from eagle3.traffic.record import compile_patterns, redact_record

@@ -542,18 +542,24 @@ def test_serve_recording_proxy_records_chat_streamed_redacted_and_honours_opt_ou
             "/v1/chat/completions", json=ask("Keep this out."), headers={"X-Eagle3-Capture": "off"}
         )
         assert out.status_code == 200
+        time.sleep(1)  # the opted-out request's counters read (after it ended) is the next base
+        last = via.post("/v1/chat/completions", json=ask("Describe the river.")).json()
+        assert last["choices"][0]["token_ids"] == ref["choices"][0]["token_ids"]
         deadline = time.monotonic() + 30  # recording runs after each response is sent
-        while rec.counts["recorded"] < 2 and time.monotonic() < deadline:
+        while rec.counts["recorded"] < 3 and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
         proxy.stop()
         rec.stop()
-    assert rec.counts["recorded"] == 2 and rec.counts["opted_out"] == 1
+    assert rec.counts["recorded"] == 3 and rec.counts["opted_out"] == 1
     keys = [o["key"] for o in list_objects(s3_env, model, None, None)]
     assert len(keys) == 1 and "/traffic/date=" in keys[0]
     body = storage.get_bytes(s3_env, keys[0]).decode()
     assert "bob@example.com" not in body and "Keep this out" not in body
-    first, second = (json.loads(line) for line in body.splitlines())
+    first, second, third = (json.loads(line) for line in body.splitlines())
+    # The same prompt alone on the same server twice, an opted-out request between: the same
+    # acceptance, so the opted-out request's drafts were not counted into the third.
+    assert third["acceptance"] == first["acceptance"]
     assert first["engine"] == "vllm" and first["champion_version"] == "7"
     assert first["completion"]["token_ids"] == ref["choices"][0]["token_ids"]
     assert first["completion"]["text"] == ref["choices"][0]["message"]["content"]

@@ -13,6 +13,7 @@ list to disk every `spool_every_s` (one atomic batch file) and uploads spooled b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+CHAT = "/v1/chat/completions"
 OPT_OUT_HEADER = "x-eagle3-capture"
 OPT_OUT_VALUES = ("off", "no", "0", "false")
 # Hop-by-hop headers (RFC 9110 §7.6.1) and the ones httpx recomputes: never forwarded.
@@ -195,22 +197,43 @@ class Recorder:
 
 
 class Exclusive:
-    """Whether a request ran with no other in flight from its start to its end: only then do the
-    server's counters, diffed around it, belong to it alone."""
+    """Which requests' acceptance the server's counters can tell: a request is `alone` when no
+    other generating request (recorded, opted out or passed through) was in flight from its start
+    to its end. Its "before" is a snapshot read while the server was idle after the previous
+    request, and valid only if nothing started since; its "after" is read once it has ended, off
+    the request path, and becomes the next snapshot. So no counter read ever delays a request,
+    and a request without a valid snapshot simply goes without an acceptance."""
 
     def __init__(self) -> None:
         self.in_flight = 0
         self.started = 0
+        self.snapshot = None  # (counters, the `started` count when it was read)
+        self.idle_start = 0  # the last ticket that began with nothing in flight
 
-    def begin(self) -> tuple[bool, int]:
+    def begin(self) -> tuple[int, object]:
+        """(ticket, the counters before this request or None)."""
+        idle = self.in_flight == 0
+        base = None
+        if idle and self.snapshot is not None and self.snapshot[1] == self.started:
+            base = self.snapshot[0]
         self.in_flight += 1
         self.started += 1
-        return self.in_flight == 1, self.started
+        if idle:
+            self.idle_start = self.started
+        return self.started, base
 
     def end(self, ticket: int) -> bool:
-        alone = self.in_flight == 1 and self.started == ticket
+        """Whether the request of `ticket` ran alone."""
+        alone = self.idle_start == ticket and self.started == ticket and self.in_flight == 1
         self.in_flight -= 1
         return alone
+
+    def idle_since(self, ticket: int) -> bool:
+        """Nothing in flight and nothing started since `ticket`: counters read now are exact."""
+        return self.in_flight == 0 and self.started == ticket
+
+    def keep(self, counters, ticket: int) -> None:
+        self.snapshot = (counters, ticket)
 
 
 def acceptance_of(before, after) -> dict | None:
@@ -240,18 +263,19 @@ def build_app(upstream: str, recorder: Recorder | None, measure_acceptance: bool
     gate = Exclusive()
 
     async def counters():
-        r = await client.get("/metrics")
+        try:
+            r = await client.get("/metrics")
+        except httpx.HTTPError:
+            return None
         return parse_spec_counters(r.text) if r.status_code == 200 else None
 
     async def proxy(request: Request):
         body = await request.body()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in DROP_HEADERS}
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        record = (
-            recorder is not None
-            and request.method == "POST"
-            and request.url.path == "/v1/chat/completions"
-        )
+        # Every request that may generate moves the counters, recorded or not.
+        generating = request.method == "POST"
+        record = recorder is not None and generating and request.url.path == CHAT
         payload = None
         if record:
             if not wants_capture(request.headers):
@@ -265,27 +289,36 @@ def build_app(upstream: str, recorder: Recorder | None, measure_acceptance: bool
                     record = False
         if record and not payload.get("return_token_ids"):
             body = json.dumps({**payload, "return_token_ids": True}).encode()
-        ticket, before = 0, None
-        if record and measure_acceptance:
-            first, ticket = gate.begin()
-            before = await counters() if first else None
-        upstream_req = client.build_request(request.method, path, headers=headers, content=body)
-        resp = await client.send(upstream_req, stream=True)
-        out_headers = {
-            k: v
-            for k, v in resp.headers.items()
-            if k.lower() not in DROP_HEADERS | {"content-encoding"}
-        }
+        ticket, before = gate.begin() if generating and measure_acceptance else (0, None)
+        try:
+            upstream_req = client.build_request(request.method, path, headers=headers, content=body)
+            resp = await client.send(upstream_req, stream=True)
+        except httpx.HTTPError as e:
+            if ticket:
+                gate.end(ticket)
+            return Response(f"upstream {upstream}: {type(e).__name__}: {e}", status_code=502)
+        state = {"alone": False}
+
+        def ended() -> None:
+            """The upstream answer is complete (or abandoned): the request no longer generates.
+            Called from the relay's `finally`, so a client that hangs up mid-stream ends it too."""
+            if ticket:
+                state["alone"] = gate.end(ticket)
+
+        drop = DROP_HEADERS | {"content-encoding"}
+        out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in drop}
         streamed = resp.headers.get("content-type", "").startswith("text/event-stream")
         parser = StreamParser()
 
         async def finish(answer_fn):
+            """After the response went out: the acceptance, the next snapshot, the record."""
             acceptance = None
-            if record and measure_acceptance:
-                alone = gate.end(ticket)
-                if alone and before is not None:
-                    after = await counters()
-                    acceptance = acceptance_of(before, after) if after is not None else None
+            if ticket and gate.idle_since(ticket):
+                after = await counters()
+                if after is not None and gate.idle_since(ticket):
+                    gate.keep(after, ticket)
+                    if state["alone"] and before is not None:
+                        acceptance = acceptance_of(before, after)
             if record and resp.status_code == 200:
                 answer = answer_fn()
                 if answer.choices == 1:
@@ -300,6 +333,7 @@ def build_app(upstream: str, recorder: Recorder | None, measure_acceptance: bool
                             parser.feed(chunk)
                         yield chunk
                 finally:
+                    ended()
                     await resp.aclose()
 
             return StreamingResponse(
@@ -308,8 +342,11 @@ def build_app(upstream: str, recorder: Recorder | None, measure_acceptance: bool
                 headers=out_headers,
                 background=BackgroundTask(finish, lambda: parser.answer),
             )
-        content = await resp.aread()
-        await resp.aclose()
+        try:
+            content = await resp.aread()
+        finally:
+            ended()
+            await resp.aclose()
         return Response(
             content,
             status_code=resp.status_code,
@@ -317,8 +354,16 @@ def build_app(upstream: str, recorder: Recorder | None, measure_acceptance: bool
             background=BackgroundTask(finish, lambda: answer_of_body(content)),
         )
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        first = await counters()  # the idle server's counters: the first request's "before"
+        if first is not None:
+            gate.keep(first, 0)
+        yield
+        await client.aclose()
+
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
-    app = Starlette(routes=[Route("/{path:path}", proxy, methods=methods)])
+    app = Starlette(routes=[Route("/{path:path}", proxy, methods=methods)], lifespan=lifespan)
     app.state.client = client
     return app
 
