@@ -10,8 +10,9 @@ it records every proxied request (redaction, acceptance counters read around lon
 every 2 s; the upload is off: it runs in a background thread and never on the request path). Each
 MT-bench question is sent twice per mode, non-streamed (latency to the last byte) and streamed
 (time to the first content chunk and to the last byte), direct and proxied in alternating order
-per prompt, one request at a time. Prints p50/p95 of each and the proxied/direct ratios; a ratio
-within the spread of the direct runs is "not measurable".
+per prompt, one request at a time. Prints p50/p95 of each, their proxied/direct ratios, and the
+median (and interquartile range) of the per-prompt proxied/direct ratio, the paired figure that
+prompt length and output length do not move.
 """
 
 from __future__ import annotations
@@ -115,11 +116,18 @@ def main() -> None:
             rows[key]["first_p50"] = percentile(first, 50) if first else None
             rows[key]["first_p95"] = percentile(first, 95) if first else None
     ratios = {}
-    for kind in ("json", "stream"):
+    for kind, stream in (("json", False), ("stream", True)):
         d, r = rows[f"direct/{kind}"], rows[f"recorded/{kind}"]
         ratios[kind] = {"p50": r["p50"] / d["p50"], "p95": r["p95"] / d["p95"]}
         if kind == "stream" and d.get("first_p50"):
             ratios[kind]["first_p50"] = r["first_p50"] / d["first_p50"]
+        # Paired: the same prompt, back to back, so prompt length and output drop out.
+        pairs = sorted(
+            a["total"] / b["total"]
+            for a, b in zip(times["recorded", stream], times["direct", stream], strict=True)
+        )
+        ratios[kind]["paired_median"] = statistics.median(pairs)
+        ratios[kind]["paired_iqr"] = [percentile(pairs, 25), percentile(pairs, 75)]
     print(f"\n{'mode':<18}{'p50 s':>9}{'p95 s':>9}{'first p50':>11}{'first p95':>11}")
     for key, v in rows.items():
         f50, f95 = v.get("first_p50"), v.get("first_p95")
