@@ -34,7 +34,7 @@ if [ ! -f "$RUN/traffic.done" ]; then
   $E3 serve --config $C --profile full --draft $HEAD --record --port "$PORT" \
     vllm.speculative_tokens=3 > "$RUN/serve.log" 2>&1 &
   SERVE=$!
-  trap 'kill -INT $SERVE 2>/dev/null || true' EXIT
+  trap 'kill -TERM $SERVE 2>/dev/null || true' EXIT
   for _ in $(seq 300); do
     curl -sf "127.0.0.1:$PORT/health" >/dev/null 2>&1 && break
     kill -0 $SERVE 2>/dev/null || { tail -30 "$RUN/serve.log"; exit 1; }
@@ -67,7 +67,7 @@ dt = time.perf_counter() - t0
 print(f"served {len(qs)} questions, {toks} tokens in {dt:.0f} s ({toks / dt:.1f} tok/s, 4 in flight)")
 EOF
   log "stopping the server: the recorder spools and uploads what is left"
-  kill -INT $SERVE; wait $SERVE || true
+  kill -TERM $SERVE; wait $SERVE || true  # not INT: a background job of a script ignores SIGINT
   trap - EXIT
   tail -3 "$RUN/serve.log"
   touch "$RUN/traffic.done"
