@@ -108,10 +108,11 @@ def write_outputs_task(recipe, rows: list[dict], key: str) -> str:
     return write_outputs(recipe, rows, key)
 
 
-@task(name="capture-traffic", retries=2, retry_delay_seconds=RETRY_DELAYS[:2])
+@task(name="capture-traffic")
 def capture_task(recipe, model: str, version: str, rows: list[dict], sampling: dict) -> dict:
     """Record what was served (traffic.capture): redacted, spooled, uploaded to <model>/traffic/.
-    A failed upload leaves the batch spooled for the next capture; it never fails the run."""
+    A failed upload leaves the batch spooled for the next capture (flush retries each batch
+    itself). No task retries: a retry would spool the same records a second time."""
     from eagle3.ops.inference import settings_or_none
     from eagle3.traffic.capture import capture, records_of_rows
 
