@@ -113,6 +113,16 @@ def check_prompt_fits(target, input_ids, max_new_tokens: int, index: int | None 
         )
 
 
+@dataclass
+class _Start:
+    temperature: float
+    sampler: _Sampler
+    stopper: _Stopper
+    first: int
+    t0: float
+    t_prefill: float
+
+
 class SpecEngine:
     """EAGLE-3 speculative decoding for batch 1 on any Runner."""
 
@@ -259,14 +269,9 @@ class SpecEngine:
 
     # --- plain autoregressive decoding on the same runner --------------------------------------
     @torch.no_grad()
-    def generate_ar(
-        self,
-        input_ids: list[int],
-        temperature: float | None = None,
-        max_new_tokens: int | None = None,
-        stop: list[str] | None = None,
-        seed: int | None = None,
-    ) -> GenerationResult:
+    def start_target_only(self, input_ids, temperature, max_new_tokens, stop, seed) -> _Start:
+        """What a decoder without a draft (AR, prompt lookup) does first: settings, sampler,
+        stopper, the prompt's prefill and the first token, timed from before the prefill."""
         temperature, max_new, stop = self._args(temperature, max_new_tokens, stop)
         check_prompt_fits(self.target, input_ids, max_new)
         sampler = _Sampler(temperature, self.cfg.top_p, self.cfg.top_k_sampling, seed)
@@ -277,9 +282,22 @@ class SpecEngine:
         logits, _ = runner.prefill(
             torch.as_tensor(input_ids, dtype=torch.long, device=dev), last_only=True
         )
-        tok = sampler(logits[-1])
+        first = sampler(logits[-1])
+        return _Start(temperature, sampler, stopper, first, t0, synced_time(dev) - t0)
+
+    def generate_ar(
+        self,
+        input_ids: list[int],
+        temperature: float | None = None,
+        max_new_tokens: int | None = None,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> GenerationResult:
+        s = self.start_target_only(input_ids, temperature, max_new_tokens, stop, seed)
+        sampler, stopper, t0, t_prefill = s.sampler, s.stopper, s.t0, s.t_prefill
+        runner, dev = self.runner, self.target.device
+        tok = s.first
         out = [tok]
-        t_prefill = synced_time(dev) - t0
         one = torch.ones(1, 1, dtype=torch.bool, device=dev)
         row0 = torch.zeros(1, dtype=torch.long, device=dev)
         keep = stopper.cut(out, 1)

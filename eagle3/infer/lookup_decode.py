@@ -37,25 +37,22 @@ def generate_lookup(
     seed: int | None = None,
 ):
     """A GenerationResult of `engine`'s target decoding with prompt lookup alone (no draft)."""
-    from eagle3.infer.engine import GenerationResult, _Sampler, _Stopper, check_prompt_fits
+    from eagle3.infer.engine import GenerationResult
 
     if lookup_tokens < 1:
         raise ValueError(f"lookup decoding needs lookup_tokens >= 1 (got {lookup_tokens})")
-    temperature, max_new, stop = engine._args(temperature, max_new_tokens, None)
-    check_prompt_fits(engine.target, input_ids, max_new)
-    cfg = engine.cfg
-    sampler = _Sampler(temperature, cfg.top_p, cfg.top_k_sampling, seed)
-    stopper = _Stopper(engine.target.eos_token_ids, stop, engine.target.tokenizer, max_new)
-    runner, dev = engine.runner, engine.target.device
-    t0 = synced_time(dev)
-    runner.reset()
-    logits, _ = runner.prefill(
-        torch.as_tensor(input_ids, dtype=torch.long, device=dev), last_only=True
+    s = engine.start_target_only(input_ids, temperature, max_new_tokens, None, seed)
+    temperature, sampler, stopper, t0, t_prefill = (
+        s.temperature,
+        s.sampler,
+        s.stopper,
+        s.t0,
+        s.t_prefill,
     )
-    root = sampler(logits[-1])
+    cfg, runner, dev = engine.cfg, engine.runner, engine.target.device
+    root = s.first
     out = [root]
     context = list(input_ids) + out
-    t_prefill = synced_time(dev) - t0
     lengths: list[int] = []
     keep = stopper.cut(out, 1)
     while keep is None:
