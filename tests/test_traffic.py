@@ -198,6 +198,27 @@ def test_s3_outage_during_capture_loses_nothing(traffic_recipe, s3_env, tmp_path
     assert all("/traffic/date=2026-12-01/" in k for k in done)
 
 
+def test_open_batch_appends_seal_into_one_upload_and_drop_a_torn_line(s3_env, tmp_path):
+    from eagle3.traffic.store import OPEN, append_open, flush, pending, seal_open
+
+    model = "eagle3-open"
+    spool_dir = tmp_path / "spool-open"
+    for i in range(3):  # three recorder passes between two uploads
+        append_open([record(i, model, "t", T0 + timedelta(seconds=i))], spool_dir)
+    assert pending(spool_dir) == [] and (spool_dir / OPEN).exists()  # open: not uploadable yet
+    sealed = seal_open(spool_dir)
+    assert sealed.name.startswith("20261201T") and not (spool_dir / OPEN).exists()
+    (key,), left = flush(s3_env, model, spool_dir)
+    assert left == [] and key.endswith(sealed.name)
+    assert [r["id"] for r in stored_records(s3_env, model)] == ["r0000", "r0001", "r0002"]
+    append_open([record(3, model, "t", T0)], spool_dir)
+    with open(spool_dir / OPEN, "ab") as f:
+        f.write(b'{"id": "r0004", "when": ')  # a crash in the middle of an append
+    torn = seal_open(spool_dir)
+    assert [json.loads(line)["id"] for line in torn.read_text().splitlines()] == ["r0003"]
+    assert seal_open(spool_dir) is None  # nothing open
+
+
 def test_a_lost_upload_answer_is_recognised_not_duplicated(traffic_recipe, s3_env, tmp_path):
     from eagle3.traffic.store import flush, spool
 

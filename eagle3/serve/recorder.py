@@ -6,9 +6,9 @@ proxy asks vLLM for `return_token_ids`, so responses carry that vLLM field), sam
 acceptance of that request when it ran alone (the server's spec-decode counters diffed around it;
 with other requests in flight the counters cannot be split, and acceptance is left out).
 
-Nothing is recorded on the request path beyond an append to a list: a background thread spools the
-list to disk every `spool_every_s` (one atomic batch file) and uploads spooled batches every
-`upload_every_s`; a failed upload stays spooled. A request opts out with `X-Eagle3-Capture: off`.
+Nothing is recorded on the request path beyond an append to a list: a background thread appends the
+list to the spool's open batch every `spool_every_s` (fsynced), and every `upload_every_s` seals
+that batch (one object per period) and uploads the spooled batches; a failed upload stays spooled. A request opts out with `X-Eagle3-Capture: off`.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def wants_capture(headers) -> bool:
 
 
 class Recorder:
-    """Records -> memory -> spool (atomic batch files) -> S3, off the request path."""
+    """Records -> memory -> the spool's open batch -> sealed batches -> S3, off the request path."""
 
     def __init__(
         self,
@@ -151,21 +151,22 @@ class Recorder:
             self.counts["recorded"] += 1
 
     def spool_now(self) -> Path | None:
-        from eagle3.traffic.store import spool
+        from eagle3.traffic.store import append_open
 
         with self.lock:
             batch, self.pending = self.pending, []
         if not batch:
             return None
-        path = spool(batch, self.spool_dir)
+        path = append_open(batch, self.spool_dir)
         self.counts["spooled"] += len(batch)
         return path
 
     def upload_now(self) -> list[str]:
+        from eagle3.traffic.store import flush, seal_open
+
+        seal_open(self.spool_dir)  # what was appended since the last upload: one batch
         if self.s is None:
             return []
-        from eagle3.traffic.store import flush
-
         try:  # flush keeps what fails spooled and says so; the next pass retries it
             keys, _ = flush(self.s, self.model, self.spool_dir, say=self.say)
         except Exception as e:  # noqa: BLE001 - a batch that would overwrite another: say, keep

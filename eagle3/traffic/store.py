@@ -6,11 +6,13 @@ A batch of records is written to the spool atomically (temp file, rename) before
 `flush` uploads each spooled batch as a NEW object (If-None-Match) under a key derived from the
 batch file's name, and deletes the spool file only after S3 acknowledged it. A lost answer is
 recognised on retry (the object is there with the same bytes), a failed upload leaves the file in
-the spool for the next flush: no record is lost and none is written twice.
+the spool for the next flush: no record is lost and none is written twice. The serving recorder
+appends to one open batch and seals it before each upload (`append_open`, `seal_open`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -50,6 +52,45 @@ def spool(records: list[TrafficRecord], spool_dir: str | Path) -> Path | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, to_jsonl(records))
     return path
+
+
+# The recorder's open batch: appended to every few seconds (so a crash loses at most the records
+# still in memory), sealed into one `<time>-<id>.jsonl` batch just before each upload. One object
+# per upload period instead of one per append.
+OPEN = "open.part"
+
+
+def append_open(records: list[TrafficRecord], spool_dir: str | Path) -> Path | None:
+    """Append records to the spool's open batch, flushed to disk before returning."""
+    if not records:
+        return None
+    path = Path(spool_dir) / OPEN
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as f:
+        f.write(to_jsonl(records))
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def seal_open(spool_dir: str | Path) -> Path | None:
+    """Turn the open batch into a spooled batch file (atomic rename); None when there is none.
+    A torn last line (a crash mid-append) is cut off: it was never a whole record."""
+    path = Path(spool_dir) / OPEN
+    if not path.exists():
+        return None
+    body = path.read_bytes()
+    whole = body[: body.rfind(b"\n") + 1]
+    if len(whole) < len(body):
+        path.write_bytes(whole)
+    lines = whole.splitlines()
+    if not lines:
+        path.unlink()
+        return None
+    records = [TrafficRecord.model_validate_json(line) for line in lines[:1]]
+    sealed = path.with_name(batch_name(records))
+    os.replace(path, sealed)
+    return sealed
 
 
 def pending(spool_dir: str | Path) -> list[Path]:
