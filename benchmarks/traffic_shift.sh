@@ -5,7 +5,8 @@
 #   2. a data stage on that traffic (recorded greedy answers reused, the head's vocabulary kept),
 #      the newest traffic.held_out_fraction held out;
 #   3. the shipped head fine-tuned on the rest (train.init_from), a short schedule;
-#   4. vLLM benches of the shipped and the adapted head on the held-out (never trained on) slice.
+#   4. vLLM benches of the shipped and the adapted head on the held-out (never trained on) slice,
+#      then on the general set (MT-bench, first 10), then our engine (tree only) on the held-out.
 # The flows (monitor, adapt) do the same on a schedule; this script times the pieces.
 #
 #   benchmarks/traffic_shift.sh                       # N=240 questions, 84 steps, 20 held-out prompts
@@ -15,6 +16,8 @@ cd "$(dirname "$0")/.."
 N=${N:-240}
 STEPS=${STEPS:-84}
 HELD=${HELD:-20}
+GENERAL=${GENERAL:-10}
+ENGINE_HELD=${ENGINE_HELD:-10}
 PORT=${PORT:-8011}
 RUN=${RUN:-runs/shift-gsm8k}
 C=configs/smollm2-135m.yaml
@@ -104,10 +107,31 @@ EOF
 
 for who in shipped adapted; do
   draft=$([ $who = shipped ] && echo $HEAD || echo "$RUN/draft")
+  [ -f "$RUN/bench-vllm-$who.json" ] && continue
   log "vLLM bench, $who head, $HELD held-out prompts"
   $E3 bench --config $C --profile full --engine vllm --draft "$draft" --datasets heldout \
     --limit "$HELD" --out "$RUN/bench-vllm-$who.json" \
     "data.catalog={heldout: {path: $RUN/held_out.jsonl}}" "eval.vllm_ngram=false" \
     "vllm.speculative_tokens=3" "vllm.concurrency=[1]"
 done
-log "done: $RUN/bench-vllm-{shipped,adapted}.json"
+# The general set: the adapted head may lose no more than 5% of the shipped head's acceptance.
+for who in shipped adapted; do
+  draft=$([ $who = shipped ] && echo $HEAD || echo "$RUN/draft")
+  [ -f "$RUN/bench-vllm-general-$who.json" ] && continue
+  log "vLLM bench, $who head, general set (MT-bench, first $GENERAL)"
+  $E3 bench --config $C --profile full --engine vllm --draft "$draft" --datasets mt_bench \
+    --limit "$GENERAL" --out "$RUN/bench-vllm-general-$who.json" "eval.vllm_ngram=false" \
+    "vllm.speculative_tokens=3" "vllm.concurrency=[1]"
+done
+
+# Our engine on the held-out slice: the head alone (tree only) against HF generate.
+for who in shipped adapted; do
+  draft=$([ $who = shipped ] && echo $HEAD || echo "$RUN/draft")
+  [ -f "$RUN/bench-ours-$who.json" ] && continue
+  log "our engine, $who head, $ENGINE_HELD held-out prompts"
+  $E3 bench --config $C --profile full --engine eagle3 --draft "$draft" --datasets heldout \
+    --limit "$ENGINE_HELD" --out "$RUN/bench-ours-$who.json" \
+    "data.catalog={heldout: {path: $RUN/held_out.jsonl}}" "eval.tree_only=true" \
+    "eval.baselines=[hf_generate]"
+done
+log "done: $RUN/bench-{vllm,vllm-general,ours}-{shipped,adapted}.json"
