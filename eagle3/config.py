@@ -367,9 +367,9 @@ class TrafficConfig(Section):
     spool_dir: str | None = None  # None: <EAGLE3_HOME>/traffic-spool/<model>
     # The newest share of the traffic source's records is held out (never trained on).
     held_out_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
-    # The monitor (flows/monitor.py) cuts served traffic into fixed windows of this many hours
+    # The monitor (flows/monitor.py) cuts served traffic into fixed windows of this many minutes
     # (aligned to the Unix epoch; a window's MLflow step is its index since the epoch).
-    window_hours: int = Field(default=1, ge=1, le=24 * 7)
+    window_minutes: int = Field(default=60, ge=1, le=7 * 24 * 60)
     # Acceptance length (tokens per verify cycle) under which a window emits the Prefect event
     # eagle3.acceptance.below-floor; 0 turns the check off.
     acceptance_floor: float = Field(default=0.0, ge=0.0)

@@ -1,7 +1,7 @@
 """Acceptance drift in MLflow, Prefect events for what should happen next, and traffic retention.
 
 `eagle3-monitor` (hourly in prefect.yaml): the champion's acceptance on served traffic, per closed
-window of `traffic.window_hours` since the last logged one, and on the fixed canary prompt set run
+window of `traffic.window_minutes` since the last logged one, and on the fixed canary prompt set run
 now through the serving engine; logged as MLflow metrics (step = window index, timestamp = window
 start) in one run per champion version (eagle3.ops.monitoring). It emits Prefect events, resource
 `eagle3.model.<registered model>`:
@@ -195,9 +195,9 @@ def monitor_flow(
     tc = r.traffic
     model = registered_model_name(r)
     t = tracker(r)
-    hours = tc.window_hours
+    minutes = tc.window_minutes
     now_t = parse_time(now) if now else datetime.now(UTC)
-    until = closed_until(now_t, hours)
+    until = closed_until(now_t, minutes)
     mtags = mon.model_tags(t, model)
     cursor = mtags.get(mon.CURSOR_TAG) if mtags else None
     start = parse_time(since) if since else (parse_time(cursor) if cursor else None)
@@ -207,7 +207,7 @@ def monitor_flow(
         read_from = None if baseline is None else min(start, baseline)
     records, bad = read_traffic_task(r, model, read_from, now_t)
     in_range = [x for x in records if (start is None or x.when >= start) and x.when < until]
-    wins = windows(in_range, hours)
+    wins = windows(in_range, minutes)
     got = log_windows_task(r, model, wins)
     events = []
     for w in got["logged"]:
@@ -234,7 +234,7 @@ def monitor_flow(
     }
 
     # the canary: the champion now, at the step of the last closed window
-    last = window_index(until, hours) - 1
+    last = window_index(until, minutes) - 1
     if canary and tc.canary_prompts and champ_ptr is not None:
         version = str(champ_ptr["version"])
         if canary_due(r, model, version, last):
@@ -243,12 +243,12 @@ def monitor_flow(
             champ = resolve_champion_task(r)
             rows = run_canary(r, champ)
             stats = summed(row.get("acceptance") for row in rows)
-            ts = int(window_start(last, hours).timestamp() * 1000)
+            ts = int(window_start(last, minutes).timestamp() * 1000)
             m = stats.metrics("canary")
             log_canary_task(r, model, str(champ["version"]), last, m, ts)
             summary["canary"] = {"version": str(champ["version"]), "step": last, **m}
             if below_floor(stats, tc.acceptance_floor):
-                w = Window(last, window_start(last, hours), str(champ["version"]), stats)
+                w = Window(last, window_start(last, minutes), str(champ["version"]), stats)
                 events.append(
                     emit(BELOW_FLOOR, model, champ["version"], floor_payload(w, tc, "canary"))
                 )
@@ -286,7 +286,7 @@ def floor_payload(w, tc, source: str) -> dict:
         "source": source,
         "step": w.index,
         "window_start": iso(w.start),
-        "window_hours": tc.window_hours,
+        "window_minutes": tc.window_minutes,
         "acceptance_length": w.stats.acceptance_length,
         "floor": tc.acceptance_floor,
         "requests": w.stats.requests,

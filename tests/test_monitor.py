@@ -49,17 +49,17 @@ def random_records(n: int, seed: int = 0) -> list:
 
 # --- pure pieces ------------------------------------------------------------------------------------
 @pytest.mark.unit
-@pytest.mark.parametrize("hours", [1, 3, 24])
-def test_windows_match_a_naive_reference(hours):
+@pytest.mark.parametrize("minutes", [15, 60, 180, 1440])
+def test_windows_match_a_naive_reference(minutes):
     from eagle3.traffic.monitor import windows
 
-    recs = random_records(200, seed=hours)
-    got = windows(recs, hours)
+    recs = random_records(200, seed=minutes)
+    got = windows(recs, minutes)
     epoch = datetime(1970, 1, 1, tzinfo=UTC)
     naive: dict = {}
     for r in recs:
         t = datetime.fromisoformat(r.time.replace("Z", "+00:00"))
-        idx = int((t - epoch).total_seconds()) // (hours * 3600)
+        idx = int((t - epoch).total_seconds()) // (minutes * 60)
         d = naive.setdefault((r.champion_version, idx), {"n": 0, "drafts": 0, "acc": 0, "pos": {}})
         d["n"] += 1
         if r.acceptance:
@@ -71,7 +71,7 @@ def test_windows_match_a_naive_reference(hours):
     assert sum(w.stats.requests for w in got) == len(recs)
     for w in got:
         d = naive[(w.champion_version, w.index)]
-        assert w.start == epoch + timedelta(hours=w.index * hours)
+        assert w.start == epoch + timedelta(minutes=w.index * minutes)
         assert w.stats.requests == d["n"]
         if d["drafts"]:
             # tokens per verify cycle: every cycle yields its accepted drafts + 1
@@ -108,9 +108,10 @@ def test_acceptance_length_is_the_engines_tau():
 def test_window_bounds_and_floor():
     from eagle3.traffic.monitor import Stats, below_floor, closed_until, window_index, window_start
 
-    assert window_start(window_index(T0 + timedelta(minutes=59), 1), 1) == T0
-    assert window_index(T0, 1) + 1 == window_index(T0 + timedelta(hours=1), 1)
-    assert closed_until(T0 + timedelta(hours=2, minutes=1), 2) == T0 + timedelta(hours=1)
+    assert window_start(window_index(T0 + timedelta(minutes=59), 60), 60) == T0
+    assert window_index(T0, 60) + 1 == window_index(T0 + timedelta(hours=1), 60)
+    assert window_index(T0, 15) + 4 == window_index(T0 + timedelta(hours=1), 15)
+    assert closed_until(T0 + timedelta(hours=2, minutes=1), 120) == T0 + timedelta(hours=1)
     low = Stats(requests=1, measured=1, drafts=10, accepted=2)
     assert below_floor(low, 1.5) and not below_floor(low, 1.2) and not below_floor(low, 0.0)
     assert not below_floor(Stats(requests=3), 1.5)  # nothing drafted: no acceptance to judge
@@ -144,7 +145,7 @@ def monitor_recipe(base_recipe, mlflow_sqlite, prefect_harness):
     return build_recipe(
         tree,
         [
-            "traffic.window_hours=1",
+            "traffic.window_minutes=60",
             "traffic.acceptance_floor=1.5",
             "traffic.min_records_to_adapt=8",
             'traffic.canary_prompts=["Hello there", "Count to five"]',
@@ -212,7 +213,7 @@ def test_monitor_logs_windows_per_champion_emits_events_and_resumes(
     assert promote_flow(r, version=v1)["promoted"]
 
     # windows after the promotion (the monitor's clock is its `now` parameter)
-    w0 = closed_until(datetime.now(UTC), 1) + timedelta(hours=1)
+    w0 = closed_until(datetime.now(UTC), 60) + timedelta(hours=1)
     rows = [
         (w0 - timedelta(days=2), "0", acceptance(4, 2, [2])),  # before the promotion
         (w0 + timedelta(minutes=5), v1, acceptance(10, 10, [6, 4])),  # window 0
@@ -228,7 +229,7 @@ def test_monitor_logs_windows_per_champion_emits_events_and_resumes(
     now = w0 + timedelta(hours=4, minutes=30)
     out = monitor_flow(config=r, now=now.isoformat())
 
-    i0 = window_index(w0, 1)
+    i0 = window_index(w0, 60)
     run = out["runs"][v1]
     got = history(r, run, "traffic/acceptance_length")
     start_ms = int(w0.timestamp() * 1000)

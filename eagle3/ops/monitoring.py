@@ -51,7 +51,7 @@ def monitor_run(tracker, recipe, model: str, version: str) -> str:
             "git.commit": git_commit(),
         },
     )
-    tracker.client.log_param(run_id, "traffic.window_hours", recipe.traffic.window_hours)
+    tracker.client.log_param(run_id, "traffic.window_minutes", recipe.traffic.window_minutes)
     return run_id
 
 

@@ -1,7 +1,7 @@
 """Acceptance drift: served traffic cut into fixed time windows, per champion version.
 
-A window is `traffic.window_hours` long and aligned to the Unix epoch; its index (hours since the
-epoch // window_hours) is the MLflow step the monitor logs it at, its start the metric's
+A window is `traffic.window_minutes` long and aligned to the Unix epoch; its index (minutes since
+the epoch // window_minutes) is the MLflow step the monitor logs it at, its start the metric's
 timestamp. Per window and champion version:
 
 - acceptance length = (accepted + drafts) / drafts = 1 + accepted / drafts: tokens per verify
@@ -27,18 +27,18 @@ from eagle3.traffic.record import Acceptance, TrafficRecord
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def window_index(t: datetime, hours: int) -> int:
-    """The window holding time `t` (windows are `hours` long, counted from the Unix epoch)."""
-    return math.floor((t - EPOCH).total_seconds() / (hours * 3600))
+def window_index(t: datetime, minutes: int) -> int:
+    """The window holding time `t` (windows are `minutes` long, counted from the Unix epoch)."""
+    return math.floor((t - EPOCH).total_seconds() / (minutes * 60))
 
 
-def window_start(index: int, hours: int) -> datetime:
-    return EPOCH + timedelta(hours=index * hours)
+def window_start(index: int, minutes: int) -> datetime:
+    return EPOCH + timedelta(minutes=index * minutes)
 
 
-def closed_until(now: datetime, hours: int) -> datetime:
+def closed_until(now: datetime, minutes: int) -> datetime:
     """The end of the last window that has closed by `now` (= the start of the open one)."""
-    return window_start(window_index(now, hours), hours)
+    return window_start(window_index(now, minutes), minutes)
 
 
 @dataclass
@@ -105,15 +105,15 @@ class Window:
         return int(self.start.timestamp() * 1000)
 
 
-def windows(records: Iterable[TrafficRecord], hours: int) -> list[Window]:
+def windows(records: Iterable[TrafficRecord], minutes: int) -> list[Window]:
     """The windows that hold at least one record, one per (champion version, window), ordered
     by version then time."""
     groups: dict[tuple[str, int], Stats] = {}
     for r in records:
-        key = (str(r.champion_version), window_index(r.when, hours))
+        key = (str(r.champion_version), window_index(r.when, minutes))
         groups.setdefault(key, Stats()).add(r.acceptance)
     return [
-        Window(i, window_start(i, hours), v, st)
+        Window(i, window_start(i, minutes), v, st)
         for (v, i), st in sorted(groups.items(), key=lambda kv: (version_key(kv[0][0]), kv[0][1]))
     ]
 
