@@ -1,5 +1,6 @@
-"""Files written atomically (a reader sees the old file or the new one, never half of one), and
-the sha256 of a file. Every writer in eagle3 goes through these."""
+"""Files written atomically (a reader sees the old file or the new one, never half of one), the
+sha256 of a file and of a JSON value. Every writer and every content key in eagle3 goes through
+these."""
 
 from __future__ import annotations
 
@@ -20,6 +21,18 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def canonical_json(obj: Any, compact: bool = False) -> bytes:
+    """Sorted keys, so equal values give equal bytes. `compact` (no spaces) is the data manifest's
+    and shard keys' form; the default form keys journals, flow caches and settings. Both are
+    stored in files already written, so neither may change."""
+    seps = (",", ":") if compact else None
+    return json.dumps(obj, sort_keys=True, separators=seps, default=str).encode()
+
+
+def sha256_json(obj: Any, compact: bool = False) -> str:
+    return hashlib.sha256(canonical_json(obj, compact)).hexdigest()
 
 
 @contextlib.contextmanager

@@ -7,20 +7,20 @@ without touching the target. The cache is refreshed when the manifest file has g
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+from eagle3.io import sha256_json
 from flows.common import RETRY_DELAYS, mlflow_run, resolve_recipe, show_progress, tag_flow_run
 
 
 def data_key(recipe) -> str:
     d = recipe.model_dump(mode="json")
     sub = {k: d.get(k) for k in ("name", "run_dir", "cache_dir", "seed", "target", "data")}
-    return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()
+    return sha256_json(sub)
 
 
 @task(

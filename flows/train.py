@@ -7,13 +7,13 @@ leaves no cache record, and the trainer resumes from its own checkpoint in the r
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+from eagle3.io import sha256_json
 from eagle3.ops.tracking import contract_names
 from flows.common import (
     RETRY_DELAYS,
@@ -29,7 +29,7 @@ def train_key(recipe, data_digest: str | None) -> str:
     d = recipe.model_dump(mode="json")
     sub = {k: d.get(k) for k in ("name", "run_dir", "seed", "target", "train")}
     sub["data_digest"] = data_digest
-    return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()
+    return sha256_json(sub)
 
 
 @task(

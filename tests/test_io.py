@@ -47,3 +47,15 @@ def test_sha256_file_equals_hashlib_on_the_whole_bytes(tmp_path):
     data = bytes(range(256)) * 9000  # > one 1 MiB block
     (tmp_path / "f").write_bytes(data)
     assert sha256_file(tmp_path / "f", chunk=4096) == hashlib.sha256(data).hexdigest()
+
+
+def test_json_hashes_are_pinned_and_key_order_free():
+    # Both forms key files already written (data manifests' digests, shard keys; journals, flow
+    # caches): a change would orphan them, so their values are pinned here.
+    from eagle3.io import sha256_json
+
+    o = {"b": [1, 2.5], "a": {"x": "é"}}
+    assert sha256_json(o) == "00398da8cb31622bdb799094800f9d2f3a9233f15aac40e16890cac7c6d2dcc7"
+    compact = "9f06e087906196d72ba66fb9be19db5e447a16c8cede1d2d00cd0481da0ddeb8"
+    assert sha256_json(o, compact=True) == compact
+    assert sha256_json({"a": {"x": "é"}, "b": [1, 2.5]}, compact=True) == compact

@@ -255,12 +255,8 @@ def tensor_sha256(t) -> str:
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
 
-def canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
 def compute_digest(digest_of: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical(digest_of)).hexdigest()
+    return io.sha256_json(digest_of, compact=True)
 
 
 def finish(manifest: DataManifest) -> DataManifest:

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eagle3.data.manifest import canonical, write_json_atomic
+from eagle3.data.manifest import write_json_atomic
 from eagle3.data.regenerate import RegenResult, RegenStats
 from eagle3.data.sources import Conversation, Skip
+from eagle3.io import sha256_json
 
 
 class DataLockedError(RuntimeError):
@@ -28,7 +28,7 @@ class DataLockedError(RuntimeError):
 
 
 def key_of(obj: Any) -> str:
-    return hashlib.sha256(canonical(obj)).hexdigest()
+    return sha256_json(obj, compact=True)
 
 
 # --- paths ----------------------------------------------------------------------------------------------

@@ -11,18 +11,17 @@ runs back to back in one process; only which prompts ran in which session differ
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-from eagle3.io import write_json_atomic
+from eagle3.io import sha256_json, write_json_atomic
 
 VERSION = 2  # 2: the code's commit is recorded beside the key
 
 
 def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_json(obj)
 
 
 def weights_sha256(draft_dir: str | Path) -> str:

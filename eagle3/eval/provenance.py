@@ -9,11 +9,11 @@ afterwards from memory.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from eagle3.io import sha256_json
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,7 +55,7 @@ def _git(repo: Path, *args: str) -> str:
 def settings_sha256(recipe) -> str:
     """sha256 of every resolved setting (profiles folded in, overrides applied)."""
     doc = recipe.model_dump(mode="json", exclude={"profiles"})
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_json(doc)
 
 
 def provenance(

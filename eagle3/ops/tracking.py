@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from eagle3.io import sha256_json
 from eagle3.names import redact_value
 
 if TYPE_CHECKING:
@@ -382,7 +383,6 @@ def vllm_metrics(v: VllmBlock) -> dict[str, float]:
 
 def eval_set_signature(recipe: Any, report: dict[str, Any] | BenchReport) -> str:
     """What makes two evaluations comparable: target, datasets and their prompt counts, settings."""
-    import hashlib
 
     from eagle3.eval.report import as_report
 
@@ -396,7 +396,7 @@ def eval_set_signature(recipe: Any, report: dict[str, Any] | BenchReport) -> str
     }
     if r.engine_name != "eagle3":  # tau of a vLLM chain is not a tree's tau
         sig["engine"] = r.engine
-    return hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:16]
+    return sha256_json(sig)[:16]
 
 
 # --- the data manifest and the trainer's numbers as metrics -------------------------------------------

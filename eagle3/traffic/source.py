@@ -14,7 +14,6 @@ to exactly what it learned from.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from eagle3.io import sha256_json
 from eagle3.traffic.record import TrafficRecord, parse_time
 
 NAME = "traffic"
@@ -38,7 +38,7 @@ class TrafficLoad:
 
 def dedupe_key(r: TrafficRecord) -> str:
     body = {"messages": r.messages, "sampling": r.sampling.to_dict()}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return sha256_json(body)
 
 
 def parse_records(key: str, body: bytes, model: str) -> tuple[list[TrafficRecord], list[tuple]]:
