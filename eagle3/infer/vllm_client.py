@@ -40,10 +40,6 @@ class SpecCounters:
     def acceptance_length(self) -> float:
         return 1.0 + self.accepted / self.drafts if self.drafts else 0.0
 
-    def per_position_rate(self) -> list[float]:
-        """P(draft position i accepted) per verify step: vLLM's 'per-position acceptance rate'."""
-        return [round(a / self.drafts, 4) if self.drafts else 0.0 for a in self.per_pos]
-
     def alpha(self) -> list[float]:
         """P(position i accepted | position i - 1 accepted): the report's alpha
         (docs/CONTRACTS.md §4)."""

@@ -78,14 +78,6 @@ class DraftConfig:
             eagle3={"target_num_hidden_layers": n_layers},
         )
 
-    def resolved_aux_layer_ids(self, num_target_layers: int | None = None) -> list[int]:
-        if self.aux_layer_ids is not None:
-            return list(self.aux_layer_ids)
-        n = num_target_layers or self.eagle3.get("target_num_hidden_layers")
-        if n is None:
-            raise ValueError("aux layers are the default, but the target's layer count is unknown")
-        return default_aux_layer_ids(n)
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
