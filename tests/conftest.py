@@ -15,6 +15,18 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: the exactness tests compare floats that a different
+    intra-op split could round differently (use: pytest.mark.usefixtures("one_thread"))."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_recipe():
     from eagle3.config import load_recipe

@@ -24,6 +24,23 @@ def random_prompts(n_seq: int = 12, prompt_len: int = 8, seed: int = TRAIN_SEED)
 
 
 @torch.no_grad()
+def hf_greedy(model, ids: list[int], max_new: int, eos: list[int]) -> list[int]:
+    """The reference every exactness test compares with: HF generate on one unpadded prompt,
+    greedy, cut after the first EOS."""
+    out = model.generate(
+        input_ids=torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=max_new,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=eos[0] if eos else 0,
+    )
+    new = out[0, len(ids) :].tolist()
+    stop = next((k for k, t in enumerate(new) if t in eos), None)
+    return new if stop is None else new[: stop + 1]
+
+
+@torch.no_grad()
 def greedy_text(
     target, n_seq: int = 12, prompt_len: int = 8, new: int = 56, seed: int = TRAIN_SEED
 ) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import infer_support
 import pytest
 import torch
 
@@ -15,18 +16,9 @@ pytestmark = pytest.mark.slow
 
 
 def hf_greedy(model, ids: list[int], n: int, eos: list[int]) -> tuple[list[int], bool]:
-    """The reference: HF generate on one unpadded prompt, cut after the first EOS."""
-    out = model.generate(
-        input_ids=torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=n,
-        do_sample=False,
-        eos_token_id=eos,
-        pad_token_id=eos[0],
-    )
-    new = out[0, len(ids) :].tolist()
-    stop = next((k for k, t in enumerate(new) if t in eos), None)
-    return (new[: stop + 1], False) if stop is not None else (new, True)
+    """(the reference answer, truncated: no EOS within n tokens)."""
+    new = infer_support.hf_greedy(model, ids, n, eos)
+    return new, not (new and new[-1] in eos)
 
 
 def _prompts() -> list[list[int]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from infer_support import hf_greedy
 
 from eagle3.infer.fast_runner import FastRunner
 from eagle3.infer.runner import Runner
@@ -207,10 +208,7 @@ def test_greedy_decoding_equals_hf_generate(tiny_target):
     runner = FastRunner(tiny_target, capacity=128)
     for text in ["The capital of France is", "def fibonacci(n):", "Once upon a time"]:
         ids = tok(text, return_tensors="pt").input_ids
-        with torch.no_grad():
-            ref = tiny_target.model.generate(ids, max_new_tokens=24, do_sample=False)[
-                0, ids.shape[1] :
-            ]
+        ref = hf_greedy(tiny_target.model, ids[0].tolist(), 24, sorted(eos))
         runner.reset()
         logits, _ = runner.prefill(ids[0], last_only=True)
         out: list[int] = []
@@ -223,7 +221,7 @@ def test_greedy_decoding_equals_hf_generate(tiny_target):
                 torch.tensor([nxt]), torch.tensor([runner.cache_len]), torch.ones(1, 1, dtype=bool)
             )
             runner.keep(torch.tensor([0]))
-        assert out == ref.tolist(), text
+        assert out == ref, text
 
 
 def test_runner_protocol_and_errors(tiny_target):

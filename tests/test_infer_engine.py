@@ -14,31 +14,13 @@ from eagle3.models.checkpoint import load_draft, save_draft
 from eagle3.models.draft import DraftConfig, Eagle3Draft
 from eagle3.models.target import Target, build_tiny_target
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 MAX_NEW = 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _hf_greedy(target, ids: list[int], max_new: int, eos=None) -> list[int]:
-    eos = target.eos_token_ids if eos is None else eos
-    inp = torch.tensor([ids])
-    out = target.model.generate(
-        inp,
-        attention_mask=torch.ones_like(inp),
-        do_sample=False,
-        max_new_tokens=max_new,
-        eos_token_id=eos,
-        pad_token_id=0,
-    )
-    return out[0, len(ids) :].tolist()
+    return infer_support.hf_greedy(target.model, ids, max_new, eos or target.eos_token_ids)
 
 
 @pytest.fixture(scope="module")

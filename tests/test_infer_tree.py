@@ -14,15 +14,7 @@ import torch.nn.functional as F
 from eagle3.infer.tree import Drafter
 from eagle3.models.draft import DraftConfig, Eagle3Draft
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
