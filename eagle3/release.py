@@ -143,10 +143,14 @@ def _recipe_args(facts: dict) -> str:
 
 
 def bench_command(facts: dict, b: dict) -> str:
-    sets = ",".join(b["report"].datasets)
+    """The report's own command: its engine and the overrides it recorded (provenance)."""
+    rep = b["report"]
+    sets = ",".join(rep.datasets)
+    engine = " --engine vllm" if rep.vllm else ""
+    overrides = "".join(f" '{o}'" for o in (rep.provenance.overrides if rep.provenance else []))
     return (
-        f"eagle3 bench {_recipe_args(facts)} --draft {facts['name']} --datasets {sets} "
-        f"--limit {b['limit']} --out bench.json"
+        f"eagle3 bench {_recipe_args(facts)}{engine} --draft {facts['name']} --datasets {sets} "
+        f"--limit {b['limit']} --out bench.json{overrides}"
     )
 
 
@@ -172,6 +176,10 @@ def _data_rows(facts: dict) -> list[str]:
             if r.enabled
             else "the sources' own (teacher-forced)"
         )
+        recorded = sum(x.answers_recorded or 0 for x in m.sources)
+        if recorded:  # traffic: the target's served answers, reused where settings matched
+            again = sum(x.answers_regenerated or 0 for x in m.sources)
+            how = f"the target's own served answers ({recorded:,} reused, {again:,} regenerated)"
         rows.append(
             f"| {name} | {src} | {s.train:,} / {s.val:,} | {t.total:,} ({t.trainable:,}) | {how} |"
         )
@@ -231,6 +239,9 @@ def _bench_lines(facts: dict) -> list[str]:
     out = []
     for b in facts["bench"]:
         rep = b["report"]
+        if rep.vllm:
+            out += _vllm_bench_lines(facts, b)
+            continue
         d = rep.decoding
         which = (
             "these weights"
@@ -259,6 +270,27 @@ def _bench_lines(facts: dict) -> list[str]:
             )
         out += ["", "Reproduce these numbers:", "", "```bash", bench_command(facts, b), "```", ""]
     return out or ["No bench report was given to `eagle3 release --bench`.", ""]
+
+
+def _vllm_bench_lines(facts: dict, b: dict) -> list[str]:
+    rep = b["report"]
+    v = rep.vllm
+    out = [
+        f"`{b['file']}`, vLLM ({v.version}) with the head against plain vLLM, the same "
+        f"server settings, chain of {v.speculative_tokens} speculative tokens, "
+        f"{rep.device}, target {rep.dtype}, T={rep.decoding.temperature}, batch 1:",
+        "",
+        "| data set | prompts | new tokens | acceptance length | accepted at position 1.. "
+        "| × plain vLLM | lossless |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    pos = " / ".join(f"{x:.3f}" for x in v.per_position_acceptance)
+    for name, s in rep.datasets.items():
+        out.append(
+            f"| {name} | {s.prompts} | {s.new_tokens:,} | {_f(s.tau, '.3f')} | {pos or '–'} | "
+            f"{_f(s.speedup.get('vs_vllm'))} | {s.lossless} |"
+        )
+    return out + ["", "Reproduce these numbers:", "", "```bash", bench_command(facts, b), "```", ""]
 
 
 def render_card(facts: dict) -> str:
